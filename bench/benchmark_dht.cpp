@@ -1,0 +1,233 @@
+// benchmark_dht: hivemind's DHT benchmark in C++. Creates a swarm of DHT peers in one process,
+// declares experts through one of them in batches, kills a fraction of the peers, then resolves
+// every expert through another peer.
+//
+//   benchmark_dht [--num_peers 1024] [--num_experts 16384] [--expert_batch_size 64]
+//                 [--expiration 300] [--kill_fraction 0] [--transport tcp|sim] [--seed 0]
+//
+// The last line is one JSON object.
+
+#include <hive/dht/dht.hpp>
+#include <hive/dht/experts.hpp>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <chrono>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Args {
+  int num_peers = 1024;
+  int num_experts = 16384;
+  int expert_batch_size = 64;
+  double expiration = 300;
+  double kill_fraction = 0;
+  std::string transport = "tcp";
+  std::uint64_t seed = 0;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto v = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument("missing value for " + k);
+      return argv[++i];
+    };
+    if (k == "--num_peers") a.num_peers = std::stoi(v());
+    else if (k == "--num_experts") a.num_experts = std::stoi(v());
+    else if (k == "--expert_batch_size") a.expert_batch_size = std::stoi(v());
+    else if (k == "--expiration") a.expiration = std::stod(v());
+    else if (k == "--kill_fraction") a.kill_fraction = std::stod(v());
+    else if (k == "--transport") a.transport = v();
+    else if (k == "--seed") a.seed = std::stoull(v());
+    else if (k == "--help" || k == "-h") {
+      fmt::print("usage: benchmark_dht [--num_peers N] [--num_experts N] [--expert_batch_size N] [--expiration S]\n"
+                 "                     [--kill_fraction F] [--transport tcp|sim] [--seed N]\n");
+      std::exit(0);
+    } else {
+      throw std::invalid_argument("unknown flag " + k + " (see --help)");
+    }
+  }
+  HIVE_CHECK(a.num_peers >= 2, "--num_peers must be at least 2");
+  HIVE_CHECK(a.num_experts >= 1 && a.expert_batch_size >= 1, "--num_experts and --expert_batch_size must be positive");
+  HIVE_CHECK(a.kill_fraction >= 0 && a.kill_fraction < 1, "--kill_fraction must be in [0, 1)");
+  HIVE_CHECK(a.transport == "tcp" || a.transport == "sim", "--transport must be tcp or sim");
+  return a;
+}
+
+void progress(const char* what, std::size_t done, std::size_t total) {
+  const int width = 40;
+  const int filled = total ? static_cast<int>(width * done / total) : width;
+  fmt::print(stderr, "\r{:<8} [{}{}] {}/{}", what, std::string(filled, '#'), std::string(width - filled, '.'), done, total);
+  if (done == total) fmt::print(stderr, "\n");
+}
+
+// Raises the open-file limit to its hard maximum; returns the new soft limit.
+rlim_t raise_file_limit() {
+  rlimit r{};
+  getrlimit(RLIMIT_NOFILE, &r);
+  r.rlim_cur = r.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &r);
+  getrlimit(RLIMIT_NOFILE, &r);
+  return r.rlim_cur;
+}
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+template <class T>
+int run(const Args& a) {
+  using Node = typename hive::BasicDHT<T>::node_type;
+  std::mt19937_64 rng(a.seed);
+  hive::net::Runtime runtime(2);
+  std::shared_ptr<hive::net::SimNetwork> network;
+  if constexpr (std::is_same_v<T, hive::net::Simulated>) network = hive::net::SimNetwork::create(runtime.executor());
+
+  // Each in-process TCP connection costs two descriptors; cap outgoing connections per peer
+  // so the swarm fits in the file limit (idle ones are closed and reopened on demand).
+  const rlim_t files = raise_file_limit();
+  // Every connection is counted twice (both ends live here) and a contact is usually mutual
+  // (the callee pings back to verify the caller), hence the 4.
+  const auto per_peer = static_cast<std::uint32_t>(std::max<long>(
+      2, (static_cast<long>(files) - 2L * a.num_peers - 500) / (4L * (a.num_peers + 1))));
+  auto rpc_options = hive::net::RpcOptions().max_outgoing_connections(per_peer).request_timeout(hive::Seconds(5));
+  auto node_options = hive::dht::NodeOptions().wait_timeout(hive::Seconds(5)).refresh_period(hive::Seconds(0));
+  auto transport = [&] {
+    if constexpr (std::is_same_v<T, hive::net::Simulated>) return hive::net::SimulatedOptions().network(network);
+    else return hive::net::TcpOptions();
+  };
+  fmt::print("benchmark_dht: {} peers over {}, {} experts in batches of {}, kill fraction {}, file limit {} ({} "
+             "outgoing connections per peer)\n",
+             a.num_peers, a.transport, a.num_experts, a.expert_batch_size, a.kill_fraction, files, per_peer);
+
+  auto t0 = Clock::now();
+  std::vector<std::shared_ptr<Node>> peers;
+  for (int i = 0; i < a.num_peers; ++i) {
+    auto node = Node::create(runtime.executor(), node_options, transport(), rpc_options);
+    node->listen("127.0.0.1:0");
+    std::vector<std::string> initial;
+    for (int j = 0; j < 3 && !peers.empty(); ++j)
+      initial.push_back(peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)]->address());
+    asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
+    peers.push_back(node);
+    if (i % 16 == 15 || i + 1 == a.num_peers) progress("peers", i + 1, a.num_peers);
+  }
+  const double create_s = since(t0);
+
+  // Expert uids as in hivemind's benchmark: three random coordinates each.
+  std::set<std::string> unique;
+  std::uniform_int_distribution<int> coord(0, 999);
+  while (static_cast<int>(unique.size()) < a.num_experts)
+    unique.insert(fmt::format("expert.{}.{}.{}", coord(rng), coord(rng), coord(rng)));
+  std::vector<std::string> uids(unique.begin(), unique.end());
+  std::shuffle(uids.begin(), uids.end(), rng);
+
+  auto store_peer = peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)];
+  auto get_peer = peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)];
+  const std::string endpoint = "10.0.0.1:1337";
+
+  t0 = Clock::now();
+  std::size_t stored = 0, batches = 0;
+  for (std::size_t b = 0; b < uids.size(); b += a.expert_batch_size) {
+    std::vector<std::string> batch(uids.begin() + b, uids.begin() + std::min(uids.size(), b + a.expert_batch_size));
+    // As hivemind's declare_experts: each declaration expires `expiration` seconds after it is
+    // made, so a later batch's prefix entries replace an earlier batch's.
+    const double expiration = hive::wall_time() + a.expiration;
+    // declare_experts on the raw node: the same records as hive::dht::declare_experts.
+    std::vector<hive::dht::StoreItem> items;
+    std::map<std::pair<hive::Id160, std::optional<hive::dht::Subkey>>, std::size_t> index;
+    std::vector<std::vector<std::size_t>> needs(batch.size());
+    for (std::size_t u = 0; u < batch.size(); ++u)
+      for (auto& r : hive::dht::expert_records({batch[u]}, endpoint, expiration)) {
+        auto [it, inserted] = index.try_emplace({r.key, r.subkey}, items.size());
+        if (inserted) items.push_back(std::move(r));
+        needs[u].push_back(it->second);
+      }
+    auto ok = asio::co_spawn(runtime.executor(), store_peer->store_many(std::move(items)), asio::use_future).get();
+    for (std::size_t u = 0; u < batch.size(); ++u)
+      stored += std::all_of(needs[u].begin(), needs[u].end(), [&](std::size_t i) { return ok[i]; });
+    ++batches;
+    progress("store", std::min(uids.size(), b + a.expert_batch_size), uids.size());
+  }
+  const double store_s = since(t0);
+
+  // Kill a fraction of the peers (never the two the benchmark talks through).
+  std::vector<std::size_t> order(peers.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  const std::size_t to_kill = static_cast<std::size_t>(a.kill_fraction * a.num_peers);
+  std::size_t killed = 0;
+  for (auto i : order) {
+    if (killed >= to_kill) break;
+    if (peers[i] == store_peer || peers[i] == get_peer) continue;
+    if constexpr (std::is_same_v<T, hive::net::Simulated>)
+      network->crash(hive::net::HostPort::parse(peers[i]->address()).host);
+    else
+      peers[i]->close();
+    ++killed;
+  }
+
+  t0 = Clock::now();
+  std::size_t found = 0;
+  for (std::size_t b = 0; b < uids.size(); b += a.expert_batch_size) {
+    const std::size_t end = std::min(uids.size(), b + a.expert_batch_size);
+    std::vector<std::future<std::optional<hive::dht::Record>>> pending;
+    for (std::size_t u = b; u < end; ++u)
+      pending.push_back(asio::co_spawn(runtime.executor(), get_peer->get(hive::Id160::of(uids[u]), false), asio::use_future));
+    for (auto& f : pending) {
+      auto record = f.get();
+      if (record && !record->is_dictionary() &&
+          nlohmann::json::from_msgpack(record->regular().value) == nlohmann::json(endpoint))
+        ++found;
+    }
+    progress("get", end, uids.size());
+  }
+  const double get_s = since(t0);
+
+  const double n = static_cast<double>(uids.size());
+  fmt::print("create {} peers: {:.1f} s\n", a.num_peers, create_s);
+  fmt::print("store: {:.1f}% success, {:.1f} s total, {:.2f} ms per expert\n", 100.0 * stored / n, store_s, 1e3 * store_s / n);
+  fmt::print("get:   {:.1f}% success, {:.1f} s total, {:.2f} ms per expert\n", 100.0 * found / n, get_s, 1e3 * get_s / n);
+  fmt::print("node survival: {:.1f}% ({} of {} killed)\n", 100.0 * (a.num_peers - killed) / a.num_peers, killed, a.num_peers);
+  nlohmann::json out = {{"bench", "dht"},
+                        {"transport", a.transport},
+                        {"peers", a.num_peers},
+                        {"experts", uids.size()},
+                        {"expert_batch_size", a.expert_batch_size},
+                        {"create_s", create_s},
+                        {"store_s", store_s},
+                        {"store_success", stored / n},
+                        {"store_ms_per_expert", 1e3 * store_s / n},
+                        {"get_s", get_s},
+                        {"get_success", found / n},
+                        {"get_ms_per_expert", 1e3 * get_s / n},
+                        {"kill_fraction", a.kill_fraction},
+                        {"node_survival", (a.num_peers - killed) / static_cast<double>(a.num_peers)}};
+  for (auto& p : peers) p->close();
+  peers.clear();
+  store_peer.reset();
+  get_peer.reset();
+  fmt::print("{}\n", out.dump());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  const Args a = parse(argc, argv);
+  return a.transport == "tcp" ? run<hive::net::Tcp>(a) : run<hive::net::Simulated>(a);
+} catch (const std::exception& e) {
+  fmt::print(stderr, "benchmark_dht: {}\n", e.what());
+  return 2;
+}

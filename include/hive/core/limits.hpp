@@ -1,0 +1,31 @@
+#pragma once
+/// @file
+/// Limits: the bounds every decoder checks before it allocates.
+
+#include <hive/core/options.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hive {
+
+/// Bounds on what a peer accepts from the network. Each is checked before allocation, so a
+/// hostile or broken peer cannot make this one allocate more than these allow.
+struct Limits {
+  /// Largest frame body accepted, in bytes (header plus all tensor payloads).
+  HIVE_ARG(std::uint64_t, max_frame_bytes, std::uint64_t{1} << 31);
+  /// Largest MessagePack header accepted, in bytes.
+  HIVE_ARG(std::uint32_t, max_header_bytes, 4u << 20);
+  /// Most payload blobs (tensors) in one frame.
+  HIVE_ARG(std::uint32_t, max_blobs, 4096);
+  /// Largest tensor rank accepted.
+  HIVE_ARG(std::uint32_t, max_tensor_rank, 16);
+  /// Most elements in one tensor.
+  HIVE_ARG(std::uint64_t, max_tensor_elements, std::uint64_t{1} << 31);
+  /// Longest method name accepted in a request.
+  HIVE_ARG(std::uint32_t, max_method_bytes, 256);
+  HIVE_OPTIONS_JSON(Limits, max_frame_bytes, max_header_bytes, max_blobs, max_tensor_rank,
+                    max_tensor_elements, max_method_bytes)
+};
+
+}  // namespace hive

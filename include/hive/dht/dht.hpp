@@ -1,0 +1,199 @@
+#pragma once
+/// @file
+/// hive::DHT: the blocking and future-returning facade of a DHT peer, with its own runtime.
+
+#include <hive/dht/node.hpp>
+#include <hive/net/runtime.hpp>
+#include <hive/net/simulated.hpp>
+#include <hive/net/tcp.hpp>
+
+#include <future>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace hive {
+
+/// Run-time knobs of a DHT peer (the facade).
+struct DHTOptions {
+  /// Addresses of peers already in the swarm ("host:port"); empty starts a new swarm.
+  HIVE_ARG(std::vector<std::string>, initial_peers, {});
+  /// Where to listen; port 0 picks a free one. Ignored in client mode.
+  HIVE_ARG(std::string, listen_on, "0.0.0.0:0");
+  /// Host to announce instead of a wildcard listen address (e.g. a public IP); empty: loopback.
+  HIVE_ARG(std::string, announce_host, "");
+  /// Query and store without accepting connections.
+  HIVE_ARG(bool, client_mode, false);
+  /// io threads of the peer's own runtime.
+  HIVE_ARG(int, threads, 1);
+  /// Fail construction when initial peers were given but none answered.
+  HIVE_ARG(bool, require_bootstrap, true);
+  /// Protocol knobs (replicas, timeouts, storage bounds, refresh period).
+  HIVE_ARG(dht::NodeOptions, node, dht::NodeOptions{});
+  /// Transport knobs (limits).
+  HIVE_ARG(net::TcpOptions, transport, net::TcpOptions{});
+  /// RPC knobs (timeouts, concurrency).
+  HIVE_ARG(net::RpcOptions, rpc, net::RpcOptions{});
+  HIVE_OPTIONS_JSON(DHTOptions, initial_peers, listen_on, announce_host, client_mode, threads, require_bootstrap, node,
+                    transport, rpc)
+};
+
+/// A value read from the DHT: decoded JSON and its expiration.
+struct DHTValue {
+  /// The value as stored (decoded from MessagePack).
+  nlohmann::json value;
+  /// Absolute expiration (seconds since the epoch).
+  double expiration = 0;
+};
+
+/// What a key holds: one value, or a dictionary of subkey → value.
+struct DHTRecord {
+  /// Set for a regular value.
+  std::optional<DHTValue> value;
+  /// Filled for a dictionary value.
+  std::map<dht::Subkey, DHTValue> dictionary;
+  /// The record's expiration (the latest subkey's for a dictionary).
+  double expiration = 0;
+  /// True for a dictionary.
+  [[nodiscard]] bool is_dictionary() const noexcept { return !value.has_value(); }
+};
+
+/// A DHT peer with its own background runtime: blocking and future forms of get and store.
+///
+/// @tparam T the net::Transport policy (net::Tcp by default)
+/// @tparam R the dht::Routing policy
+/// @par Example
+/// @code
+/// hive::DHT first;                                     // a new swarm
+/// hive::DHT second(hive::DHTOptions().initial_peers(first.visible_addresses()));
+/// second.store("hello", "world", hive::wall_time() + 60);
+/// auto got = first.get("hello");                       // got->value->value == "world"
+/// @endcode
+/// @par Thread safety
+/// All member functions may be called from any thread except the peer's own io threads.
+template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>>
+class BasicDHT {
+ public:
+  /// The protocol peer type.
+  using node_type = dht::Node<T, R>;
+
+  /// Starts a peer on its own runtime: listens (unless client mode) and bootstraps from the
+  /// initial peers. Throws hive::Error when initial peers were given and none answered.
+  explicit BasicDHT(DHTOptions options = {}, typename T::Options transport_options = default_transport(),
+                    std::optional<Id160> id = std::nullopt)
+      : options_(std::move(options)), runtime_(options_.threads()) {
+    if constexpr (std::is_same_v<T, net::Tcp>) transport_options = options_.transport();
+    auto node_options = options_.node();
+    node_options.client_mode(options_.client_mode());
+    node_ = node_type::create(runtime_.executor(), node_options, std::move(transport_options), options_.rpc(), id);
+    node_->listen(options_.listen_on());
+    const auto answered =
+        asio::co_spawn(runtime_.executor(), node_->bootstrap(options_.initial_peers()), asio::use_future).get();
+    if (!options_.initial_peers().empty() && answered == 0 && options_.require_bootstrap()) {
+      node_->close();
+      throw Error(errc::connection_refused,
+                  fmt::format("none of the {} initial peers answered", options_.initial_peers().size()));
+    }
+  }
+  BasicDHT(const BasicDHT&) = delete;
+  BasicDHT& operator=(const BasicDHT&) = delete;
+  /// Stops the peer and joins its runtime.
+  ~BasicDHT() { shutdown(); }
+
+  /// Stops serving and joins the runtime; idempotent.
+  void shutdown() {
+    if (!node_) return;
+    node_->close();
+    node_.reset();
+    runtime_.stop();
+  }
+
+  /// Addresses another peer passes as initial peers to join through this one (empty in client
+  /// mode). A wildcard listen host is replaced by announce_host, or by loopback.
+  [[nodiscard]] std::vector<std::string> visible_addresses() const {
+    auto address = node_->address();
+    if (address.empty()) return {};
+    auto hp = net::HostPort::parse(address);
+    if (hp.host == "0.0.0.0" || hp.host == "::") {
+      if (!options_.announce_host().empty()) hp.host = options_.announce_host();
+      else hp.host = hp.host == "::" ? "::1" : "127.0.0.1";
+    }
+    return {hp.str()};
+  }
+
+  /// This peer's id.
+  [[nodiscard]] const Id160& peer_id() const noexcept { return node_->id(); }
+  /// The protocol peer (to serve more methods on the same port, or to await operations).
+  [[nodiscard]] const std::shared_ptr<node_type>& node() const noexcept { return node_; }
+  /// The runtime's executor.
+  [[nodiscard]] asio::any_io_executor executor() noexcept { return runtime_.executor(); }
+
+  /// Stores `value` (any JSON, sent as MessagePack) under `key` until `expiration`, as a
+  /// regular value or, with `subkey`, as a dictionary entry. True when a replica accepted it.
+  std::future<bool> store_async(std::string_view key, const nlohmann::json& value, double expiration,
+                                std::optional<dht::Subkey> subkey = std::nullopt) {
+    std::vector<dht::StoreItem> items{{Id160::of(key), std::move(subkey), nlohmann::json::to_msgpack(value), expiration}};
+    auto node = node_;
+    return asio::co_spawn(
+        runtime_.executor(),
+        [node, items = std::move(items)]() mutable -> asio::awaitable<bool> {
+          auto ok = co_await node->store_many(std::move(items));
+          co_return ok.at(0);
+        },
+        asio::use_future);
+  }
+  /// Blocking store().
+  bool store(std::string_view key, const nlohmann::json& value, double expiration,
+             std::optional<dht::Subkey> subkey = std::nullopt) {
+    return store_async(key, value, expiration, std::move(subkey)).get();
+  }
+
+  /// Looks `key` up; with `latest` asks all nearest peers and returns the freshest record.
+  std::future<std::optional<DHTRecord>> get_async(std::string_view key, bool latest = false) {
+    auto node = node_;
+    return asio::co_spawn(
+        runtime_.executor(),
+        [node, id = Id160::of(key), latest]() -> asio::awaitable<std::optional<DHTRecord>> {
+          auto record = co_await node->get(id, latest);
+          if (!record) co_return std::nullopt;
+          co_return decode(*record);
+        },
+        asio::use_future);
+  }
+  /// Blocking get().
+  std::optional<DHTRecord> get(std::string_view key, bool latest = false) { return get_async(key, latest).get(); }
+
+  /// Decodes a raw record's MessagePack values; values that do not decode are skipped.
+  static std::optional<DHTRecord> decode(const dht::Record& record) {
+    DHTRecord out;
+    out.expiration = record.expiration;
+    auto decode_one = [](const dht::ValueWithExpiration& v) -> std::optional<DHTValue> {
+      try {
+        return DHTValue{nlohmann::json::from_msgpack(v.value), v.expiration};
+      } catch (const nlohmann::json::exception&) {
+        return std::nullopt;
+      }
+    };
+    if (!record.is_dictionary()) {
+      out.value = decode_one(record.regular());
+      if (!out.value) return std::nullopt;
+      return out;
+    }
+    for (const auto& [subkey, v] : record.dictionary())
+      if (auto d = decode_one(v)) out.dictionary.emplace(subkey, std::move(*d));
+    return out;
+  }
+
+ private:
+  static typename T::Options default_transport() { return typename T::Options{}; }
+
+  DHTOptions options_;
+  net::Runtime runtime_;
+  std::shared_ptr<node_type> node_;
+};
+
+/// The DHT peer over TCP with the default Kademlia policy.
+using DHT = BasicDHT<>;
+
+}  // namespace hive

@@ -1,0 +1,108 @@
+#pragma once
+/// @file
+/// Expert records: where each expert is served, plus the prefix dictionaries that beam search
+/// walks to find the best experts on a grid.
+
+#include <hive/dht/dht.hpp>
+
+#include <charconv>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace hive::dht {
+
+/// Separates a uid's prefix from its grid coordinates: "expert.3.7".
+inline constexpr char uid_delimiter = '.';
+
+/// Parses an expert uid "prefix.c1.c2…" into its prefix and non-negative integer coordinates
+/// (no leading zeros, at least one). Throws hive::InvalidArgument explaining what is wrong.
+inline std::pair<std::string, std::vector<std::int64_t>> parse_uid(std::string_view uid) {
+  const auto first = uid.find(uid_delimiter);
+  HIVE_CHECK(first != std::string_view::npos && first > 0,
+             "expert uid '{}' must look like prefix.c1[.c2...] with integer coordinates, e.g. expert.3.7", uid);
+  std::string prefix(uid.substr(0, first));
+  std::vector<std::int64_t> coords;
+  std::size_t at = first + 1;
+  for (;;) {
+    const auto next = uid.find(uid_delimiter, at);
+    const auto part = uid.substr(at, next == std::string_view::npos ? std::string_view::npos : next - at);
+    std::int64_t value = -1;
+    auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), value);
+    HIVE_CHECK(!part.empty() && ec == std::errc{} && end == part.data() + part.size() && value >= 0 &&
+                   (part.size() == 1 || part[0] != '0'),
+               "expert uid '{}': coordinate '{}' must be a non-negative integer without leading zeros", uid, part);
+    coords.push_back(value);
+    if (next == std::string_view::npos) break;
+    at = next + 1;
+  }
+  return {std::move(prefix), std::move(coords)};
+}
+
+/// The records that announce `uids` at `address`: the uid itself → address, and for each
+/// proper prefix ("expert.", "expert.3.") a dictionary entry (subkey = next coordinate) →
+/// [uid, address], so that beam search can list the alive children of a prefix.
+inline std::vector<StoreItem> expert_records(const std::vector<std::string>& uids, const std::string& address,
+                                             double expiration) {
+  std::vector<StoreItem> items;
+  for (const auto& uid : uids) {
+    auto [prefix, coords] = parse_uid(uid);
+    items.push_back({Id160::of(uid), std::nullopt, nlohmann::json::to_msgpack(nlohmann::json(address)), expiration});
+    std::string key = prefix + uid_delimiter;
+    const auto entry = nlohmann::json::to_msgpack(nlohmann::json::array({uid, address}));
+    for (std::size_t i = 0; i < coords.size(); ++i) {
+      items.push_back({Id160::of(key), Subkey(coords[i]), entry, expiration});
+      key += std::to_string(coords[i]) + uid_delimiter;
+    }
+  }
+  return items;
+}
+
+/// Announces that `address` serves `uids` until `expiration`. Returns, per uid, whether all of
+/// its records were accepted by at least one replica.
+template <net::Transport T, Routing R>
+std::vector<bool> declare_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, const std::string& address,
+                                  double expiration) {
+  HIVE_CHECK(!address.empty(), "declare_experts needs the address the experts are served at");
+  // Experts sharing a prefix write the same (key, subkey) entry: store it once, and let each
+  // uid's success depend on the one copy.
+  std::vector<StoreItem> items;
+  std::map<std::pair<Id160, std::optional<Subkey>>, std::size_t> index;
+  std::vector<std::vector<std::size_t>> needs(uids.size());
+  for (std::size_t u = 0; u < uids.size(); ++u) {
+    for (auto& record : expert_records({uids[u]}, address, expiration)) {
+      auto [it, inserted] = index.try_emplace({record.key, record.subkey}, items.size());
+      if (inserted) items.push_back(std::move(record));
+      needs[u].push_back(it->second);
+    }
+  }
+  auto node = dht.node();
+  auto ok = asio::co_spawn(dht.executor(), node->store_many(std::move(items)), asio::use_future).get();
+  std::vector<bool> result(uids.size(), true);
+  for (std::size_t u = 0; u < uids.size(); ++u)
+    for (auto i : needs[u]) result[u] = result[u] && ok.at(i);
+  return result;
+}
+
+/// Resolves each uid to the address serving it, or nullopt when no alive record exists.
+template <net::Transport T, Routing R>
+std::vector<std::optional<std::string>> get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids) {
+  for (const auto& uid : uids) parse_uid(uid);
+  std::vector<std::future<std::optional<DHTRecord>>> pending;
+  pending.reserve(uids.size());
+  // The first unexpired record suffices: a server re-declares its experts long before they
+  // expire, so any replica's copy names a live address.
+  for (const auto& uid : uids) pending.push_back(dht.get_async(uid, /*latest=*/false));
+  std::vector<std::optional<std::string>> out;
+  for (auto& f : pending) {
+    auto record = f.get();
+    if (record && record->value && record->value->value.is_string())
+      out.push_back(record->value->value.template get<std::string>());
+    else
+      out.push_back(std::nullopt);
+  }
+  return out;
+}
+
+}  // namespace hive::dht

@@ -1,0 +1,821 @@
+#pragma once
+/// @file
+/// dht::Node: one Kademlia peer — the ping/store/find protocol, iterative lookups with Alpha
+/// requests in flight, replication, caching and routing-table upkeep — over any net::Transport.
+
+#include <hive/core/clock.hpp>
+#include <hive/core/id.hpp>
+#include <hive/core/log.hpp>
+#include <hive/detail/event.hpp>
+#include <hive/fwd.hpp>
+#include <hive/dht/blacklist.hpp>
+#include <hive/dht/routing.hpp>
+#include <hive/dht/storage.hpp>
+#include <hive/net/rpc.hpp>
+
+#include <algorithm>
+#include <concepts>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace hive::dht {
+
+/// The routing policy slot: Kademlia's compile-time constants.
+template <class R>
+concept Routing = requires {
+  { R::bucket_size } -> std::convertible_to<std::size_t>;
+  { R::alpha } -> std::convertible_to<std::size_t>;
+  { R::depth_modulo } -> std::convertible_to<int>;
+} && (R::bucket_size >= 1) && (R::alpha >= 1);
+
+/// Kademlia with buckets of K nodes and Alpha requests in flight per lookup.
+/// @tparam K bucket size, also the number of nearest peers a lookup converges on
+/// @tparam Alpha parallel requests per lookup
+/// @tparam DepthModulo hivemind's relaxation: full buckets at depths not divisible by it split
+template <std::size_t K = 20, std::size_t Alpha = 3, int DepthModulo = 5>
+struct Kademlia {
+  /// k: bucket size.
+  static constexpr std::size_t bucket_size = K;
+  /// Requests in flight per lookup.
+  static constexpr std::size_t alpha = Alpha;
+  /// Split relaxation.
+  static constexpr int depth_modulo = DepthModulo;
+};
+static_assert(Routing<Kademlia<>>);
+
+/// Run-time knobs of a DHT peer.
+struct NodeOptions {
+  /// Replicas each value is stored on (the nearest peers to its key, this one included).
+  HIVE_ARG(std::size_t, num_replicas, 5);
+  /// Timeout of one request to another peer.
+  HIVE_ARG(Seconds, wait_timeout, Seconds(3));
+  /// A peer that queries and stores but accepts no connections and is not put in routing tables.
+  HIVE_ARG(bool, client_mode, false);
+  /// Cache values found by get() on the nearest queried peer that lacked them.
+  HIVE_ARG(bool, cache_on_store, true);
+  /// Buckets not refreshed for this long are refreshed by a lookup of a random id in them;
+  /// stored records are also purged this often. 0 disables the background upkeep.
+  HIVE_ARG(Seconds, refresh_period, Seconds(600));
+  /// Cached keys that were read are fetched again this long before they expire.
+  HIVE_ARG(Seconds, cache_refresh_before_expiry, Seconds(5));
+  /// Bounds of the peer's own storage.
+  HIVE_ARG(StorageOptions, storage, StorageOptions{});
+  /// Bounds of the peer's cache.
+  HIVE_ARG(StorageOptions, cache, StorageOptions{}.max_keys(10000));
+  /// Back-off for peers that did not answer.
+  HIVE_ARG(BlacklistOptions, blacklist, BlacklistOptions{});
+  HIVE_OPTIONS_JSON(NodeOptions, num_replicas, wait_timeout, client_mode, cache_on_store, refresh_period,
+                    cache_refresh_before_expiry, storage, cache, blacklist)
+};
+
+/// One item of a store: a key (already hashed), an optional subkey, a value, its expiration.
+struct StoreItem {
+  /// The key's id (Id160::of(user key)).
+  Id160 key;
+  /// Set for a dictionary entry.
+  std::optional<Subkey> subkey;
+  /// MessagePack bytes.
+  Bytes value;
+  /// Absolute expiration (wall_time() base).
+  double expiration = 0;
+};
+
+namespace detail {
+
+inline nlohmann::json id_to_json(const Id160& id) {
+  return nlohmann::json::binary(std::vector<std::uint8_t>(id.bytes().begin(), id.bytes().end()));
+}
+inline Id160 id_from_json(const nlohmann::json& j) {
+  if (!j.is_binary() || j.get_binary().size() != Id160::size) throw Error(errc::bad_header, "a DHT id must be 20 bytes");
+  return Id160::from_bytes(j.get_binary());
+}
+inline nlohmann::json record_to_json(const Record& r) {
+  if (!r.is_dictionary()) {
+    const auto& v = r.regular();
+    return {{"v", nlohmann::json::binary(v.value)}, {"e", v.expiration}};
+  }
+  nlohmann::json items = nlohmann::json::array();
+  for (const auto& [subkey, v] : r.dictionary())
+    items.push_back({subkey_to_json(subkey), nlohmann::json::binary(v.value), v.expiration});
+  return {{"d", std::move(items)}};
+}
+inline double finite_number(const nlohmann::json& j) {
+  if (!j.is_number()) throw Error(errc::bad_header, "an expiration must be a number");
+  const double x = j.get<double>();
+  if (!std::isfinite(x)) throw Error(errc::bad_header, "an expiration must be finite");
+  return x;
+}
+inline Bytes bytes_from_json(const nlohmann::json& j) {
+  if (!j.is_binary()) throw Error(errc::bad_header, "a DHT value must be binary MessagePack");
+  return j.get_binary();
+}
+inline Record record_from_json(const nlohmann::json& j) {
+  if (!j.is_object()) throw Error(errc::bad_header, "a record must be a map");
+  if (auto v = j.find("v"); v != j.end()) {
+    Record r;
+    r.content = ValueWithExpiration{bytes_from_json(*v), finite_number(j.at("e"))};
+    r.expiration = std::get<0>(r.content).expiration;
+    return r;
+  }
+  auto d = j.find("d");
+  if (d == j.end() || !d->is_array()) throw Error(errc::bad_header, "a record holds \"v\" or \"d\"");
+  Dictionary dict;
+  double latest = -std::numeric_limits<double>::infinity();
+  for (const auto& item : *d) {
+    if (!item.is_array() || item.size() != 3) throw Error(errc::bad_header, "a dictionary item is [subkey, value, expiration]");
+    auto subkey = subkey_from_json(item[0]);
+    if (!subkey) throw Error(errc::bad_header, "a subkey must be an integer or a string");
+    ValueWithExpiration v{bytes_from_json(item[1]), finite_number(item[2])};
+    latest = std::max(latest, v.expiration);
+    dict[*subkey] = std::move(v);
+  }
+  Record r;
+  r.content = std::move(dict);
+  r.expiration = latest;
+  return r;
+}
+
+/// Merges `incoming` into `best`: the later regular value, the union of dictionaries with the
+/// later entry per subkey, and between a regular value and a dictionary the later record.
+inline void merge_record(std::optional<Record>& best, const Record& incoming, double now) {
+  if (incoming.expiration <= now) return;
+  if (!best) {
+    best = incoming;
+    return;
+  }
+  if (best->is_dictionary() && incoming.is_dictionary()) {
+    auto dict = best->dictionary();
+    for (const auto& [subkey, v] : incoming.dictionary()) {
+      auto it = dict.find(subkey);
+      if (it == dict.end() || it->second.expiration < v.expiration) dict[subkey] = v;
+    }
+    best->content = std::move(dict);
+    best->expiration = std::max(best->expiration, incoming.expiration);
+  } else if (incoming.expiration > best->expiration) {
+    best = incoming;
+  }
+}
+
+}  // namespace detail
+
+/// One DHT peer.
+///
+/// Values live on the `num_replicas` peers nearest to their key's id. A lookup keeps Alpha
+/// requests in flight to the nearest peers not yet asked until the K nearest have answered;
+/// get() returns the freshest record among them and caches it on the nearest peer that lacked
+/// it. A peer seen for the first time is checked with a ping before it enters the routing
+/// table, and is handed the keys it is now among the nearest to. Unresponsive peers leave the
+/// table and are banned with exponential back-off.
+///
+/// @tparam T the net::Transport policy
+/// @tparam R the dht::Routing policy
+/// @par Thread safety
+/// All state lives on the RPC peer's strand; the coroutine operations may be awaited from any
+/// executor (they hop to the strand), the blocking facade is hive::DHT.
+template <net::Transport T = net::Tcp, Routing R = Kademlia<>>
+class Node : public std::enable_shared_from_this<Node<T, R>> {
+  struct Private {};
+
+ public:
+  /// The RPC peer type.
+  using rpc_type = net::Rpc<T>;
+
+  /// Creates a peer; call start() to listen (unless client_mode) and bootstrap.
+  static std::shared_ptr<Node> create(const asio::any_io_executor& executor, NodeOptions options = {},
+                                      typename T::Options transport_options = {}, net::RpcOptions rpc_options = {},
+                                      std::optional<Id160> id = std::nullopt) {
+    HIVE_CHECK(options.num_replicas() >= 1, "num_replicas must be at least 1, got {}", options.num_replicas());
+    HIVE_CHECK(options.wait_timeout().count() > 0, "wait_timeout must be positive");
+    return std::make_shared<Node>(Private{}, executor, std::move(options), std::move(transport_options),
+                                  std::move(rpc_options), id.value_or(Id160::random()));
+  }
+  /// Use create().
+  Node(Private, const asio::any_io_executor& executor, NodeOptions options, typename T::Options transport_options,
+       net::RpcOptions rpc_options, Id160 id)
+      : options_(std::move(options)),
+        id_(id),
+        rpc_(rpc_type::create(executor, std::move(transport_options), std::move(rpc_options))),
+        table_(id, R::bucket_size, R::depth_modulo),
+        storage_(options_.storage()),
+        cache_(options_.cache()),
+        blacklist_(options_.blacklist()),
+        rng_(std::random_device{}()) {}
+
+  /// This peer's id.
+  [[nodiscard]] const Id160& id() const noexcept { return id_; }
+  /// The underlying RPC peer (to serve more methods on the same port).
+  [[nodiscard]] const std::shared_ptr<rpc_type>& rpc() const noexcept { return rpc_; }
+  /// The address others reach this peer at (empty in client mode or before start()).
+  [[nodiscard]] std::string address() const { return rpc_->listen_address(); }
+  /// The options.
+  [[nodiscard]] const NodeOptions& options() const noexcept { return options_; }
+
+  /// Registers the protocol handlers and listens on `listen_on` unless in client mode.
+  void listen(std::string_view listen_on) {
+    register_handlers();
+    if (!options_.client_mode()) rpc_->listen(listen_on);
+  }
+
+  /// Pings the initial peers, then looks up its own id to fill the routing table; starts the
+  /// background upkeep. Returns the number of initial peers that answered.
+  asio::awaitable<std::size_t> bootstrap(std::vector<std::string> initial_peers) {
+    auto op = [self = this->shared_from_this(), peers = std::move(initial_peers)]() -> asio::awaitable<std::size_t> {
+      std::size_t answered = 0;
+      std::vector<std::shared_ptr<hive::detail::Event>> done;
+      auto count = std::make_shared<std::size_t>(0);
+      auto pending = std::make_shared<std::size_t>(peers.size());
+      auto all = std::make_shared<hive::detail::Event>();
+      if (peers.empty()) all->set();
+      for (const auto& address : peers) {
+        asio::co_spawn(self->executor(), [self, address, count, pending, all]() -> asio::awaitable<void> {
+          if (co_await self->ping(address)) ++*count;
+          if (--*pending == 0) all->set();
+        }, asio::detached);
+      }
+      co_await all->wait(deadline_after(self->options_.wait_timeout() * 2));
+      answered = *count;
+      if (answered > 0) co_await self->lookup(self->id_, /*want_value=*/false, /*latest=*/false);
+      self->start_upkeep();
+      co_return answered;
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Pings `address`; on an answer the peer enters the routing table. Returns its id.
+  asio::awaitable<std::optional<Id160>> ping(std::string address) {
+    auto op = [self = this->shared_from_this(), address = std::move(address)]() -> asio::awaitable<std::optional<Id160>> {
+      co_return co_await self->ping_on_strand(address);
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Stores items on the replicas of their keys (looked up first). Returns, per item, whether
+  /// at least one replica (this peer included) accepted it.
+  asio::awaitable<std::vector<bool>> store_many(std::vector<StoreItem> items) {
+    auto op = [self = this->shared_from_this(), items = std::move(items)]() mutable -> asio::awaitable<std::vector<bool>> {
+      co_return co_await self->store_on_strand(std::move(items));
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Looks `key` up; with `latest`, asks all K nearest peers and returns the freshest record,
+  /// otherwise returns the first found. Local storage and cache are consulted first.
+  asio::awaitable<std::optional<Record>> get(Id160 key, bool latest = false) {
+    auto op = [self = this->shared_from_this(), key, latest]() -> asio::awaitable<std::optional<Record>> {
+      co_return co_await self->get_on_strand(key, latest);
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// The `count` nearest alive peers to `key` found by a lookup (this peer not included).
+  asio::awaitable<std::vector<NodeInfo>> find_nearest(Id160 key, std::size_t count = R::bucket_size) {
+    auto op = [self = this->shared_from_this(), key, count]() -> asio::awaitable<std::vector<NodeInfo>> {
+      auto result = co_await self->lookup(key, false, false);
+      if (result.nearest.size() > count) result.nearest.resize(count);
+      co_return result.nearest;
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Number of peers in the routing table.
+  asio::awaitable<std::size_t> routing_table_size() {
+    auto op = [self = this->shared_from_this()]() -> asio::awaitable<std::size_t> {
+      co_return self->table_.size();
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Keys held in this peer's own storage and cache.
+  asio::awaitable<std::pair<std::size_t, std::size_t>> storage_size() {
+    auto op = [self = this->shared_from_this()]() -> asio::awaitable<std::pair<std::size_t, std::size_t>> {
+      const double now = wall_time();
+      self->storage_.purge(now);
+      self->cache_.purge(now);
+      co_return std::pair{self->storage_.size(), self->cache_.size()};
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// Stops serving and the background upkeep; pending operations fail with errc::shutdown.
+  void close() {
+    asio::dispatch(executor(), [self = this->shared_from_this()] {
+      self->closed_ = true;
+      self->upkeep_wake_.notify_all();
+      self->rpc_->close();
+    });
+  }
+
+ private:
+  static constexpr std::size_t K = R::bucket_size;
+
+  auto executor() const { return rpc_->get_executor(); }
+
+  // Runs the coroutine lambda `op` on the strand; the caller resumes on its own executor.
+  // Callers name the lambda first: GCC 12 mishandles closure temporaries inside co_await
+  // expressions and closures passed by value to coroutines (docs/architecture.md).
+  template <class F>
+  auto on_strand(F&& op) {
+    return asio::co_spawn(executor(), std::forward<F>(op), asio::use_awaitable);
+  }
+
+  nlohmann::json sender() const {
+    nlohmann::json j{{"id", detail::id_to_json(id_)}};
+    if (!options_.client_mode()) j["addr"] = rpc_->listen_address();
+    return j;
+  }
+
+  // ---- serving ------------------------------------------------------------------------------
+
+  void register_handlers() {
+    std::weak_ptr<Node> weak = this->shared_from_this();
+    auto guard = [weak](auto body) {
+      return [weak, body](net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+        auto self = weak.lock();
+        if (!self) throw Error(errc::shutdown, "dht peer is gone");
+        auto op = body(std::move(self), std::move(ctx), std::move(m));
+        co_return co_await std::move(op);
+      };
+    };
+    rpc_->add_handler("dht.ping", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
+      self->learn_sender(m.header);
+      co_return Message{self->sender(), {}};
+    }));
+    rpc_->add_handler("dht.store", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
+      co_return self->serve_store(m);
+    }));
+    rpc_->add_handler("dht.find", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
+      co_return self->serve_find(m);
+    }));
+  }
+
+  // A requester that gives an address is checked with a ping before it enters the table:
+  // anyone can claim any address.
+  void learn_sender(const nlohmann::json& header) {
+    if (!header.is_object()) return;
+    auto from = header.find("from");
+    if (from == header.end() || !from->is_object() || !from->contains("addr") || !(*from)["addr"].is_string()) return;
+    Id160 id;
+    try {
+      id = detail::id_from_json(from->at("id"));
+    } catch (const std::exception&) {
+      return;
+    }
+    auto address = (*from)["addr"].template get<std::string>();
+    if (id == id_ || address.empty()) return;
+    if (auto known = table_.find(id); known && known->address == address) {
+      table_.mark_alive(id);
+      return;
+    }
+    if (verifying_.contains(address) || verifying_.size() > 1024) return;
+    verifying_.insert(address);
+    asio::co_spawn(executor(), [self = this->shared_from_this(), address]() -> asio::awaitable<void> {
+      co_await self->ping_on_strand(address);
+      self->verifying_.erase(address);
+    }, asio::detached);
+  }
+
+  Message serve_store(const Message& m) {
+    const auto& h = m.header;
+    if (!h.is_object() || !h.contains("items") || !h["items"].is_array())
+      throw Error(errc::bad_header, "dht.store needs an array of items");
+    learn_sender(h);
+    const double now = wall_time();
+    nlohmann::json results = nlohmann::json::array();
+    for (const auto& item : h["items"]) {
+      // [key, subkey|null, value, expiration, in_cache]
+      std::string status;
+      try {
+        if (!item.is_array() || item.size() != 5) throw Error(errc::bad_header, "an item is [key, subkey, value, expiration, in_cache]");
+        const Id160 key = detail::id_from_json(item[0]);
+        Bytes value = detail::bytes_from_json(item[2]);
+        const double expiration = detail::finite_number(item[3]);
+        if (!item[4].is_boolean()) throw Error(errc::bad_header, "in_cache must be a boolean");
+        Storage& target = item[4].template get<bool>() ? cache_ : storage_;
+        StoreStatus s;
+        if (item[1].is_null()) {
+          s = target.store(key, std::move(value), expiration, now);
+        } else {
+          auto subkey = subkey_from_json(item[1]);
+          if (!subkey) throw Error(errc::bad_header, "a subkey must be an integer or a string");
+          s = target.store_subkey(key, std::move(*subkey), std::move(value), expiration, now);
+        }
+        status = std::string(to_string(s));
+      } catch (const Error& e) {
+        status = e.what();
+      }
+      results.push_back(std::move(status));
+    }
+    return Message{nlohmann::json{{"from", sender()}, {"results", std::move(results)}}, {}};
+  }
+
+  Message serve_find(const Message& m) {
+    const auto& h = m.header;
+    if (!h.is_object() || !h.contains("keys") || !h["keys"].is_array())
+      throw Error(errc::bad_header, "dht.find needs an array of keys");
+    if (h["keys"].size() > 4096) throw Error(errc::limit_exceeded, "dht.find takes at most 4096 keys");
+    learn_sender(h);
+    std::optional<Id160> requester;
+    if (h.contains("from") && h["from"].is_object() && h["from"].contains("id")) {
+      try {
+        requester = detail::id_from_json(h["from"]["id"]);
+      } catch (const std::exception&) {
+      }
+    }
+    const double now = wall_time();
+    nlohmann::json results = nlohmann::json::array();
+    for (const auto& k : h["keys"]) {
+      const Id160 key = detail::id_from_json(k);
+      nlohmann::json r = nlohmann::json::object();
+      std::optional<Record> found;
+      if (auto own = storage_.get(key, now)) detail::merge_record(found, *own, now);
+      if (auto cached = cache_.get(key, now)) detail::merge_record(found, *cached, now);
+      if (found) r["r"] = detail::record_to_json(*found);
+      nlohmann::json peers = nlohmann::json::array();
+      for (const auto& n : table_.nearest(key, K, requester)) peers.push_back({detail::id_to_json(n.id), n.address});
+      r["n"] = std::move(peers);
+      results.push_back(std::move(r));
+    }
+    return Message{nlohmann::json{{"from", sender()}, {"results", std::move(results)}}, {}};
+  }
+
+  // ---- talking to peers ---------------------------------------------------------------------
+
+  // Called after a peer answered: it is alive at `address`.
+  void saw_alive(const Id160& id, const std::string& address) {
+    if (id == id_ || address.empty()) return;
+    blacklist_.register_success(address);
+    const bool is_new = !table_.contains(id);
+    if (auto to_ping = table_.add_or_update(id, address)) {
+      asio::co_spawn(executor(), [self = this->shared_from_this(), n = *to_ping]() -> asio::awaitable<void> {
+        auto answered = co_await self->ping_on_strand(n.address);
+        if (answered && *answered == n.id) self->table_.mark_alive(n.id);
+        else self->table_.remove(n.id);
+      }, asio::detached);
+    }
+    if (is_new && table_.contains(id)) hand_over_keys(NodeInfo{id, address});
+  }
+
+  // A peer that did not answer gives way to a replacement, or is marked stale so the next
+  // newcomer takes its slot (one timeout must not empty a bucket).
+  void saw_dead(const std::optional<Id160>& id, const std::string& address) {
+    blacklist_.register_failure(address);
+    if (id) table_.mark_stale(*id);
+    else if (auto known = table_.id_of(address)) table_.mark_stale(*known);
+  }
+
+  // A peer that just joined may now be among the nearest to keys we hold: give it a copy when
+  // we are the nearest holder we know of, so that only one peer sends each key.
+  void hand_over_keys(const NodeInfo& newcomer) {
+    if (options_.client_mode()) return;
+    const double now = wall_time();
+    std::vector<StoreItem> items;
+    for (auto& [key, record] : storage_.items(now)) {
+      const auto nearest = table_.nearest(key, options_.num_replicas());
+      const bool newcomer_in = std::any_of(nearest.begin(), nearest.end(), [&](const NodeInfo& n) { return n.id == newcomer.id; });
+      if (!newcomer_in) continue;
+      bool we_are_nearest = true;
+      for (const auto& n : nearest)
+        if (n.id != newcomer.id && (n.id ^ key) < (id_ ^ key)) we_are_nearest = false;
+      if (!we_are_nearest) continue;
+      append_items(items, key, record);
+    }
+    if (items.empty()) return;
+    asio::co_spawn(executor(), [self = this->shared_from_this(), newcomer, items = std::move(items)]() -> asio::awaitable<void> {
+      co_await self->send_store(newcomer, items, false);
+    }, asio::detached);
+  }
+
+  static void append_items(std::vector<StoreItem>& items, const Id160& key, const Record& record) {
+    if (!record.is_dictionary()) {
+      items.push_back(StoreItem{key, std::nullopt, record.regular().value, record.regular().expiration});
+      return;
+    }
+    for (const auto& [subkey, v] : record.dictionary()) items.push_back(StoreItem{key, subkey, v.value, v.expiration});
+  }
+
+  asio::awaitable<std::optional<Id160>> ping_on_strand(const std::string& address) {
+    if (blacklist_.is_banned(address)) co_return std::nullopt;
+    std::optional<Id160> id;
+    std::string failure;
+    try {
+      Message request{nlohmann::json{{"from", sender()}}, {}};
+      auto reply = co_await rpc_->co_call(address, "dht.ping", std::move(request), options_.wait_timeout());
+      id = detail::id_from_json(reply.header.at("id"));
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (id) {
+      saw_alive(*id, address);
+    } else {
+      log::debug("dht", "ping {} failed: {}", address, failure);
+      saw_dead(std::nullopt, address);
+    }
+    co_return id;
+  }
+
+  // Sends items to one peer; returns per-item acceptance.
+  asio::awaitable<std::vector<bool>> send_store(const NodeInfo& peer, const std::vector<StoreItem>& items, bool in_cache) {
+    std::vector<bool> ok(items.size(), false);
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& it : items)
+      list.push_back({detail::id_to_json(it.key), it.subkey ? subkey_to_json(*it.subkey) : nlohmann::json(),
+                      nlohmann::json::binary(it.value), it.expiration, in_cache});
+    std::string failure;
+    bool answered = false;
+    try {
+      Message request{nlohmann::json{{"from", sender()}, {"items", std::move(list)}}, {}};
+      auto reply = co_await rpc_->co_call(peer.address, "dht.store", std::move(request), options_.wait_timeout());
+      answered = true;
+      const auto& results = reply.header.at("results");
+      for (std::size_t i = 0; i < items.size() && i < results.size(); ++i) ok[i] = results[i] == "stored";
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (answered) {
+      saw_alive(peer.id, peer.address);
+    } else {
+      log::debug("dht", "store on {} failed: {}", peer.address, failure);
+      saw_dead(peer.id, peer.address);
+    }
+    co_return ok;
+  }
+
+  struct FindReply {
+    std::optional<Record> record;
+    std::vector<NodeInfo> peers;
+  };
+
+  asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key) {
+    std::optional<FindReply> out;
+    std::string failure;
+    try {
+      Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
+      auto reply = co_await rpc_->co_call(peer.address, "dht.find", std::move(request), options_.wait_timeout());
+      const auto& r = reply.header.at("results").at(0);
+      FindReply found;
+      if (r.contains("r")) found.record = detail::record_from_json(r["r"]);
+      for (const auto& n : r.at("n")) {
+        if (!n.is_array() || n.size() != 2 || !n[1].is_string()) continue;
+        found.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
+        if (found.peers.size() >= K) break;
+      }
+      out = std::move(found);
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (out) {
+      saw_alive(peer.id, peer.address);
+    } else {
+      log::debug("dht", "find on {} failed: {}", peer.address, failure);
+      saw_dead(peer.id, peer.address);
+    }
+    co_return out;
+  }
+
+  // ---- lookups ------------------------------------------------------------------------------
+
+  struct LookupResult {
+    std::optional<Record> record;
+    std::vector<NodeInfo> nearest;  // alive, nearest first, this peer excluded
+    std::vector<NodeInfo> lacking;  // answered without a value, nearest first
+  };
+
+  struct LookupState {
+    Id160 key;
+    std::map<Id160, NodeInfo> candidates;  // distance -> peer
+    std::set<Id160> asked, answered, failed;
+    std::vector<NodeInfo> lacking;
+    std::optional<Record> record;
+    std::size_t in_flight = 0;
+    hive::detail::Notifier progress;
+  };
+
+  // Kademlia's iterative lookup: Alpha requests in flight to the nearest peers not yet asked,
+  // until the `converge` (default K) nearest known peers have all answered (or, when `latest`
+  // is false and a value was wanted, until one is found).
+  asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K) {
+    auto state = std::make_shared<LookupState>();
+    state->key = key;
+    for (const auto& n : table_.nearest(key, K)) state->candidates.emplace(n.id ^ key, n);
+    const double now = wall_time();
+    const auto deadline = deadline_after(options_.wait_timeout() * 10);
+    for (;;) {
+      if (closed_) throw Error(errc::shutdown, "dht peer is closed");
+      if (want_value && !latest && state->record && state->record->expiration > now) break;
+      // The K nearest candidates that did not fail; launch requests to the unasked among them.
+      std::size_t considered = 0;
+      bool pending_in_top = false;
+      for (auto& [distance, peer] : state->candidates) {
+        if (considered >= converge) break;
+        if (state->failed.contains(peer.id)) continue;
+        ++considered;
+        if (state->answered.contains(peer.id)) continue;
+        pending_in_top = true;
+        if (state->asked.contains(peer.id) || state->in_flight >= R::alpha) continue;
+        if (blacklist_.is_banned(peer.address)) {
+          state->failed.insert(peer.id);
+          continue;
+        }
+        state->asked.insert(peer.id);
+        ++state->in_flight;
+        asio::co_spawn(executor(), [self = this->shared_from_this(), state, peer = peer]() -> asio::awaitable<void> {
+          auto reply = co_await self->send_find(peer, state->key);
+          --state->in_flight;
+          if (!reply) {
+            state->failed.insert(peer.id);
+          } else {
+            state->answered.insert(peer.id);
+            if (reply->record) detail::merge_record(state->record, *reply->record, wall_time());
+            else state->lacking.push_back(peer);
+            for (auto& n : reply->peers)
+              if (n.id != self->id_ && !state->failed.contains(n.id)) state->candidates.emplace(n.id ^ state->key, n);
+          }
+          state->progress.notify_all();
+        }, asio::detached);
+      }
+      if (!pending_in_top && state->in_flight == 0) break;
+      if (SteadyClock::now() >= deadline) break;
+      if (state->in_flight > 0) co_await state->progress.wait(deadline);
+    }
+    LookupResult result;
+    result.record = state->record;
+    for (auto& [distance, peer] : state->candidates)
+      if (state->answered.contains(peer.id)) result.nearest.push_back(peer);
+    result.lacking = state->lacking;
+    std::sort(result.lacking.begin(), result.lacking.end(),
+              [&](const NodeInfo& a, const NodeInfo& b) { return (a.id ^ key) < (b.id ^ key); });
+    co_return result;
+  }
+
+  asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest) {
+    const double now = wall_time();
+    std::optional<Record> local;
+    if (auto own = storage_.get(key, now)) detail::merge_record(local, *own, now);
+    if (auto cached = cache_.get(key, now)) {
+      detail::merge_record(local, *cached, now);
+      watched_cache_keys_.insert(key);
+    }
+    if (local && !latest) co_return local;
+    auto result = co_await lookup(key, true, latest);
+    if (local) detail::merge_record(result.record, *local, wall_time());
+    if (result.record && options_.cache_on_store() && !result.lacking.empty()) {
+      std::vector<StoreItem> items;
+      append_items(items, key, *result.record);
+      asio::co_spawn(executor(), [self = this->shared_from_this(), peer = result.lacking.front(), items = std::move(items)]() -> asio::awaitable<void> {
+        co_await self->send_store(peer, items, true);
+      }, asio::detached);
+    }
+    co_return result.record;
+  }
+
+  asio::awaitable<std::vector<bool>> store_on_strand(std::vector<StoreItem> items) {
+    std::vector<bool> ok(items.size(), false);
+    // Group by key: one lookup per distinct key, then one store request per replica.
+    std::map<Id160, std::vector<std::size_t>> by_key;
+    for (std::size_t i = 0; i < items.size(); ++i) by_key[items[i].key].push_back(i);
+    auto remaining = std::make_shared<std::size_t>(by_key.size());
+    auto all = std::make_shared<hive::detail::Event>();
+    if (by_key.empty()) all->set();
+    auto results = std::make_shared<std::vector<bool>>(items.size(), false);
+    auto shared_items = std::make_shared<std::vector<StoreItem>>(std::move(items));
+    for (auto& [key, indices] : by_key) {
+      asio::co_spawn(executor(), [self = this->shared_from_this(), key = key, indices = indices, shared_items, results, remaining, all]() -> asio::awaitable<void> {
+        try {
+          co_await self->store_key(key, indices, *shared_items, *results);
+        } catch (const std::exception& e) {
+          log::debug("dht", "store of {} failed: {}", key, e.what());
+        }
+        if (--*remaining == 0) all->set();
+      }, asio::detached);
+    }
+    co_await all->wait(Deadline::max());  // each store_key is bounded by its lookup and request timeouts
+    co_return *results;
+  }
+
+  asio::awaitable<void> store_key(Id160 key, std::vector<std::size_t> indices, const std::vector<StoreItem>& items,
+                                  std::vector<bool>& results) {
+    // The replicas are the num_replicas nearest: converging on twice as many keeps the answer
+    // exact in practice at a fraction of a full K-lookup's requests.
+    auto found = co_await lookup(key, false, false, std::min(K, std::max<std::size_t>(2 * options_.num_replicas(), R::alpha)));
+    std::vector<StoreItem> mine;
+    for (auto i : indices) mine.push_back(items[i]);
+    // Replicas: the num_replicas nearest among the peers found and this one.
+    std::vector<std::optional<NodeInfo>> replicas;  // nullopt = this peer
+    {
+      std::vector<std::pair<Id160, std::optional<NodeInfo>>> all;
+      for (auto& n : found.nearest) all.emplace_back(n.id ^ key, n);
+      if (!options_.client_mode()) all.emplace_back(id_ ^ key, std::nullopt);
+      std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+      for (std::size_t i = 0; i < all.size() && i < options_.num_replicas(); ++i) replicas.push_back(all[i].second);
+    }
+    const double now = wall_time();
+    auto remaining = std::make_shared<std::size_t>(replicas.size());
+    auto done = std::make_shared<hive::detail::Event>();
+    if (replicas.empty()) done->set();
+    auto accepted = std::make_shared<std::vector<bool>>(mine.size(), false);
+    for (auto& replica : replicas) {
+      if (!replica) {
+        for (std::size_t j = 0; j < mine.size(); ++j) {
+          const auto& it = mine[j];
+          StoreStatus s = it.subkey ? storage_.store_subkey(it.key, *it.subkey, it.value, it.expiration, now)
+                                    : storage_.store(it.key, it.value, it.expiration, now);
+          if (s == StoreStatus::stored) (*accepted)[j] = true;
+        }
+        if (--*remaining == 0) done->set();
+        continue;
+      }
+      asio::co_spawn(executor(), [self = this->shared_from_this(), peer = *replica, mine, accepted, remaining, done]() -> asio::awaitable<void> {
+        auto ok = co_await self->send_store(peer, mine, false);
+        for (std::size_t j = 0; j < ok.size(); ++j)
+          if (ok[j]) (*accepted)[j] = true;
+        if (--*remaining == 0) done->set();
+      }, asio::detached);
+    }
+    co_await done->wait(Deadline::max());  // each send_store is bounded by wait_timeout
+    for (std::size_t j = 0; j < indices.size(); ++j) results[indices[j]] = (*accepted)[j];
+  }
+
+  // ---- background upkeep --------------------------------------------------------------------
+
+  void start_upkeep() {
+    if (upkeep_started_ || options_.refresh_period().count() <= 0) return;
+    upkeep_started_ = true;
+    asio::co_spawn(executor(), upkeep(this->shared_from_this()), asio::detached);
+  }
+
+  static asio::awaitable<void> upkeep(std::shared_ptr<Node> self) {
+    const auto period = self->options_.refresh_period();
+    const auto tick = std::min(period, std::max(Seconds(0.5), self->options_.cache_refresh_before_expiry() / 2));
+    auto next_refresh = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(period);
+    while (!self->closed_) {
+      co_await self->upkeep_wake_.wait(deadline_after(tick));
+      if (self->closed_) break;
+      const double now = wall_time();
+      // Re-fetch watched cache entries that are about to expire.
+      std::vector<Id160> refresh;
+      for (auto it = self->watched_cache_keys_.begin(); it != self->watched_cache_keys_.end();) {
+        auto record = self->cache_.get(*it, now);
+        if (!record) {
+          it = self->watched_cache_keys_.erase(it);
+          continue;
+        }
+        if (record->expiration - now <= self->options_.cache_refresh_before_expiry().count()) {
+          refresh.push_back(*it);
+          it = self->watched_cache_keys_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      for (const auto& key : refresh) {
+        try {
+          auto result = co_await self->lookup(key, true, true);
+          if (result.record) {
+            std::vector<StoreItem> items;
+            append_items(items, key, *result.record);
+            for (const auto& it : items)
+              (it.subkey ? self->cache_.store_subkey(it.key, *it.subkey, it.value, it.expiration, wall_time())
+                         : self->cache_.store(it.key, it.value, it.expiration, wall_time()));
+          }
+        } catch (const std::exception& e) {
+          log::debug("dht", "cache refresh failed: {}", e.what());
+        }
+      }
+      if (SteadyClock::now() < next_refresh) continue;
+      next_refresh = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(period);
+      self->storage_.purge(now);
+      self->cache_.purge(now);
+      std::vector<Id160> stale_buckets;
+      for (const auto& b : self->table_.buckets())
+        if (SteadyClock::now() - b.last_updated() > period) stale_buckets.push_back(b.random_id(self->rng_));
+      for (const auto& target : stale_buckets) {
+        try {
+          co_await self->lookup(target, false, false);
+        } catch (const std::exception& e) {
+          log::debug("dht", "bucket refresh failed: {}", e.what());
+        }
+      }
+    }
+  }
+
+  NodeOptions options_;
+  Id160 id_;
+  std::shared_ptr<rpc_type> rpc_;
+  RoutingTable table_;
+  Storage storage_;
+  Storage cache_;
+  Blacklist blacklist_;
+  std::mt19937_64 rng_;
+  std::set<std::string> verifying_;
+  std::set<Id160> watched_cache_keys_;
+  hive::detail::Notifier upkeep_wake_;
+  bool upkeep_started_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace hive::dht

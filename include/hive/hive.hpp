@@ -1,0 +1,25 @@
+#pragma once
+/// @file
+/// The umbrella header: hive's public API in one include (brings in libtorch).
+///
+/// Torch-free users (DHT-only tools) include the layer headers under hive/core, hive/net and
+/// hive/dht directly, which compile in seconds.
+
+#include <hive/fwd.hpp>
+
+#include <hive/core/buffer.hpp>
+#include <hive/core/clock.hpp>
+#include <hive/core/error.hpp>
+#include <hive/core/id.hpp>
+#include <hive/core/limits.hpp>
+#include <hive/core/log.hpp>
+#include <hive/core/message.hpp>
+#include <hive/core/options.hpp>
+#include <hive/core/tensor_codec.hpp>
+
+#include <hive/net/frame.hpp>
+#include <hive/net/rpc.hpp>
+#include <hive/net/runtime.hpp>
+#include <hive/net/simulated.hpp>
+#include <hive/net/tcp.hpp>
+#include <hive/net/transport.hpp>

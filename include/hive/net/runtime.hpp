@@ -1,0 +1,53 @@
+#pragma once
+/// @file
+/// Runtime: an io_context with its own threads, shared by any number of peers.
+
+#include <hive/core/error.hpp>
+
+#include <asio/executor_work_guard.hpp>
+#include <asio/io_context.hpp>
+
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace hive::net {
+
+/// An `asio::io_context` run by a small pool of threads. Peers built on its executor run their
+/// coroutines there; many peers may share one runtime (tests put hundreds on one).
+///
+/// Destroy the peers before their runtime. The destructor stops the context and joins its
+/// threads; handlers still queued are destroyed without running.
+class Runtime {
+ public:
+  /// Starts `threads` threads (at least one) running the context.
+  explicit Runtime(int threads = 1) : context_(threads), work_(asio::make_work_guard(context_)) {
+    HIVE_CHECK(threads >= 1, "a Runtime needs at least one thread, got {}", threads);
+    threads_.reserve(static_cast<std::size_t>(threads));
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { context_.run(); });
+  }
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+  ~Runtime() { stop(); }
+
+  /// The executor to build peers on.
+  [[nodiscard]] asio::any_io_executor executor() noexcept { return context_.get_executor(); }
+  /// The underlying context.
+  [[nodiscard]] asio::io_context& context() noexcept { return context_; }
+
+  /// Stops the threads and joins them; idempotent. Must not be called from a runtime thread.
+  void stop() {
+    work_.reset();
+    context_.stop();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    threads_.clear();
+  }
+
+ private:
+  asio::io_context context_;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace hive::net

@@ -1,0 +1,92 @@
+#pragma once
+/// @file
+/// The net::Transport concept, the policy slot that decides how peers exchange frames, and
+/// the address syntax shared by every transport.
+
+#include <hive/core/clock.hpp>
+#include <hive/core/error.hpp>
+#include <hive/core/limits.hpp>
+#include <hive/detail/asio_compat.hpp>
+#include <hive/net/frame.hpp>
+
+#include <charconv>
+#include <concepts>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace hive::net {
+
+/// A "host:port" address split in two; IPv6 hosts are written in brackets ("[::1]:1337").
+struct HostPort {
+  /// Host name or literal address, without brackets.
+  std::string host;
+  /// Port number; 0 asks the system to pick a free one when listening.
+  std::uint16_t port = 0;
+
+  /// Parses "host:port" or "[v6]:port"; throws hive::Error(errc::bad_address) otherwise.
+  static HostPort parse(std::string_view address) {
+    auto bad = [&](std::string_view why) {
+      return Error(errc::bad_address, fmt::format("bad address '{}': {} (expected host:port or [v6]:port)", address, why));
+    };
+    std::string_view host, port;
+    if (address.starts_with('[')) {
+      const auto close = address.find(']');
+      if (close == std::string_view::npos) throw bad("unclosed '['");
+      host = address.substr(1, close - 1);
+      if (address.size() < close + 2 || address[close + 1] != ':') throw bad("missing ':port' after ']'");
+      port = address.substr(close + 2);
+    } else {
+      const auto colon = address.rfind(':');
+      if (colon == std::string_view::npos) throw bad("missing ':port'");
+      host = address.substr(0, colon);
+      if (host.find(':') != std::string_view::npos) throw bad("IPv6 hosts must be written in brackets");
+      port = address.substr(colon + 1);
+    }
+    if (host.empty()) throw bad("empty host");
+    unsigned value = 0;
+    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+    if (ec != std::errc{} || end != port.data() + port.size() || port.empty() || value > 65535)
+      throw bad("port must be a number in 0..65535");
+    return {std::string(host), static_cast<std::uint16_t>(value)};
+  }
+  /// Formats back to "host:port", bracketing IPv6 hosts.
+  [[nodiscard]] std::string str() const {
+    return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
+  }
+};
+
+/// A transport connection: a reliable, ordered channel of frames between two peers.
+///
+/// `read_frame` throws FrameError for a frame it could not decode (fatal() says whether the
+/// stream is still usable) and std::system_error when the connection fails. At most one
+/// read_frame and one write_frame are in flight at a time (the RPC layer serializes writes).
+template <class C>
+concept Connection = requires(C& c, const C& cc, const EncodedFrame& f) {
+  { c.read_frame() } -> std::same_as<asio::awaitable<Frame>>;
+  { c.write_frame(f) } -> std::same_as<asio::awaitable<void>>;
+  { c.close() } noexcept;
+  { cc.remote_address() } -> std::convertible_to<std::string>;
+};
+
+/// The transport policy slot: how a peer listens, accepts and connects.
+///
+/// A model provides an `Options` type, a `connection_type` satisfying net::Connection, and an
+/// `executor_type` (a strand) on which every operation of the peer runs. Models: net::Tcp
+/// (real sockets) and net::Simulated (an emulated in-process network).
+template <class T>
+concept Transport = requires(T& t, const T& ct, std::string address, Deadline deadline) {
+  typename T::Options;
+  typename T::connection_type;
+  typename T::executor_type;
+  requires Connection<typename T::connection_type>;
+  { ct.get_executor() } -> std::convertible_to<typename T::executor_type>;
+  { ct.limits() } -> std::convertible_to<const Limits&>;
+  { t.listen(address) } -> std::convertible_to<std::string>;
+  { t.accept() } -> std::same_as<asio::awaitable<std::shared_ptr<typename T::connection_type>>>;
+  { t.connect(address, deadline) } -> std::same_as<asio::awaitable<std::shared_ptr<typename T::connection_type>>>;
+  { t.close() };
+};
+
+}  // namespace hive::net

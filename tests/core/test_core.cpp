@@ -1,0 +1,84 @@
+#include <hive/core/clock.hpp>
+#include <hive/core/error.hpp>
+#include <hive/core/id.hpp>
+#include <hive/core/limits.hpp>
+#include <hive/core/log.hpp>
+#include <hive/core/buffer.hpp>
+
+#include <doctest/doctest.h>
+
+using namespace hive;
+
+TEST_CASE("errc maps to its category and RemoteError keeps the remote message") {
+  std::error_code ec = errc::timeout;
+  CHECK(ec.category().name() == std::string("hive"));
+  CHECK(ec.message() == "operation timed out");
+  CHECK(ec == make_error_code(errc::timeout));
+  RemoteError e(errc::remote_error, "division by zero");
+  CHECK(e.remote_message() == "division by zero");
+  CHECK(e.code() == make_error_code(errc::remote_error));
+  CHECK(std::string(e.what()).find("division by zero") != std::string::npos);
+}
+
+TEST_CASE("HIVE_CHECK throws InvalidArgument with the formatted message") {
+  auto f = [](int n) { HIVE_CHECK(n > 0, "n must be positive, got {}", n); return n; };
+  CHECK(f(3) == 3);
+  try {
+    f(-2);
+    FAIL("no throw");
+  } catch (const InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("n must be positive, got -2") != std::string::npos);
+    CHECK(std::string(e.what()).find("n > 0") != std::string::npos);
+  }
+}
+
+TEST_CASE("sha1 matches FIPS 180 test vectors") {
+  CHECK(Id160::of("").hex() == "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  CHECK(Id160::of("abc").hex() == "a9993e364706816aba3e25717850c26c9cd0d89d");
+  CHECK(Id160::of("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq").hex() ==
+        "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+  CHECK(Id160::of(std::string(1000000, 'a')).hex() == "34aa973cd4c4daa4f61eeb2bdbad27316534016f");
+}
+
+TEST_CASE("Id160 xor metric, ordering, hex round trip") {
+  auto a = Id160::random(), b = Id160::random();
+  CHECK(Id160::from_hex(a.hex()) == a);
+  CHECK((a ^ a) == Id160{});
+  CHECK((a ^ b) == (b ^ a));
+  CHECK((a ^ a).leading_zeros() == 160);
+  CHECK_THROWS_AS(Id160::from_hex("zz"), InvalidArgument);
+  CHECK_THROWS_AS(Id160::from_hex(std::string(40, 'g')), InvalidArgument);
+  std::array<std::uint8_t, 20> hi{};
+  hi[0] = 0x80;
+  CHECK(Id160(hi) > Id160{});
+  CHECK(Id160(hi).leading_zeros() == 0);
+  CHECK(Id160(hi).bit(0));
+}
+
+TEST_CASE("options read from JSON, keep defaults, and reject unknown keys") {
+  Limits l = nlohmann::json::parse(R"({"max_blobs": 7})").get<Limits>();
+  CHECK(l.max_blobs() == 7);
+  CHECK(l.max_tensor_rank() == Limits().max_tensor_rank());
+  nlohmann::json j = l;
+  CHECK(j["max_blobs"] == 7);
+  CHECK_THROWS_AS(Limits::from_json_text(R"({"max_blob": 7})"), InvalidArgument);
+  CHECK_THROWS_AS(Limits::from_json_text(R"({"max_blobs": "seven"})"), InvalidArgument);
+  CHECK(Limits().max_blobs(3).max_header_bytes(10).max_blobs() == 3);
+}
+
+TEST_CASE("log level parsing") {
+  CHECK(log::parse_level("debug") == log::Level::debug);
+  CHECK(log::parse_level("nonsense", log::Level::warn) == log::Level::warn);
+  auto old = log::level();
+  log::set_level(log::Level::error);
+  CHECK_FALSE(log::enabled(log::Level::info));
+  log::set_level(old);
+}
+
+TEST_CASE("Buffer slices share their owner") {
+  auto b = Buffer::copy_of(std::string_view("hello world"));
+  auto s = b.slice(6, 5);
+  CHECK(s == Buffer::copy_of(std::string_view("world")));
+  CHECK(s.owner() == b.owner());
+  CHECK(Buffer::adopt(std::vector<std::byte>(3)).size() == 3);
+}

@@ -1,0 +1,195 @@
+// The DHT protocol: small TCP swarms, a few hundred simulated peers with crashes, client-only
+// peers, expert records and hostile input.
+#include "net_fixtures.hpp"
+
+#include <hive/dht/dht.hpp>
+#include <hive/dht/experts.hpp>
+
+#include <doctest/doctest.h>
+
+#include <random>
+
+using namespace hive;
+using namespace std::chrono_literals;
+
+namespace {
+
+dht::NodeOptions fast_node_options() {
+  return dht::NodeOptions().wait_timeout(Seconds(1)).refresh_period(Seconds(0));
+}
+
+}  // namespace
+
+TEST_CASE("dht tcp: a handful of peers store and find values, dictionaries and latest versions") {
+  std::vector<std::unique_ptr<DHT>> peers;
+  peers.push_back(std::make_unique<DHT>(DHTOptions().listen_on("127.0.0.1:0").node(fast_node_options())));
+  const auto entry = peers[0]->visible_addresses();
+  REQUIRE(entry.size() == 1);
+  for (int i = 0; i < 4; ++i)
+    peers.push_back(std::make_unique<DHT>(
+        DHTOptions().listen_on("127.0.0.1:0").initial_peers(entry).node(fast_node_options())));
+  const double now = wall_time();
+
+  CHECK(peers[1]->store("answer", 42, now + 60));
+  auto got = peers[4]->get("answer");
+  REQUIRE(got);
+  REQUIRE(got->value);
+  CHECK(got->value->value == 42);
+  CHECK_FALSE(peers[3]->get("no such key"));
+
+  // Strictly newer wins, and get(latest) finds the newest.
+  CHECK(peers[2]->store("answer", 43, now + 120));
+  peers[3]->store("answer", 41, now + 30);  // older: a replica that lacked the key may take it
+  auto latest = peers[0]->get("answer", /*latest=*/true);
+  REQUIRE(latest);
+  CHECK(latest->value->value == 43);
+
+  // Dictionary values collect subkeys from different peers.
+  CHECK(peers[1]->store("group", "alice", now + 60, dht::Subkey(std::string("a"))));
+  CHECK(peers[2]->store("group", "bob", now + 60, dht::Subkey(std::int64_t{7})));
+  auto group = peers[3]->get("group", /*latest=*/true);
+  REQUIRE(group);
+  CHECK(group->is_dictionary());
+  CHECK(group->dictionary.size() == 2);
+  CHECK(group->dictionary.at(dht::Subkey(std::string("a"))).value == "alice");
+
+  // A client-only peer queries and stores but gives no address and is in nobody's table.
+  DHT client(DHTOptions().client_mode(true).initial_peers(entry).node(fast_node_options()));
+  CHECK(client.visible_addresses().empty());
+  CHECK(client.store("from client", "hi", now + 60));
+  CHECK(peers[2]->get("from client")->value->value == "hi");
+  CHECK(client.get("answer", true)->value->value == 43);
+  for (auto& p : peers) {
+    auto size = asio::co_spawn(p->executor(), p->node()->routing_table_size(), asio::use_future).get();
+    CHECK(size <= peers.size() - 1);  // the client is in no routing table
+  }
+
+  // Joining through a dead address fails with a clear error.
+  CHECK_THROWS_AS(DHT(DHTOptions().listen_on("127.0.0.1:0").initial_peers({"127.0.0.1:1"}).node(fast_node_options())),
+                  Error);
+}
+
+TEST_CASE("dht tcp: hostile input is refused while the peer keeps serving") {
+  DHT peer(DHTOptions().listen_on("127.0.0.1:0").node(fast_node_options().storage(
+      dht::StorageOptions().max_value_bytes(1024))));
+  const auto address = peer.visible_addresses().at(0);
+  net::Runtime runtime(1);
+  auto raw = net::Rpc<net::Tcp>::create(runtime.executor());
+  const double now = wall_time();
+  auto key = nlohmann::json::binary(std::vector<std::uint8_t>(20, 1));
+  auto value = nlohmann::json::binary(nlohmann::json::to_msgpack(nlohmann::json(1)));
+  nlohmann::json items = nlohmann::json::array({
+      nlohmann::json::array({key, nullptr, value, now + 60, false}),                                   // good
+      nlohmann::json::array({nlohmann::json::binary(std::vector<std::uint8_t>(3, 1)), nullptr, value, now + 60, false}),  // short key
+      nlohmann::json::array({key, nullptr, nlohmann::json::binary(std::vector<std::uint8_t>(5000, 1)), now + 120, false}),  // oversized
+      nlohmann::json::array({key, nullptr, value, now + 1e9, false}),                                  // absurd expiration
+      nlohmann::json::array({key, 1.5, value, now + 200, false}),                                      // float subkey
+      nlohmann::json::array({key, nullptr, "not binary", now + 300, false}),                           // value not binary
+      nlohmann::json("garbage"),                                                                       // not an item
+      nlohmann::json::array({key, nullptr, value, now - 5, false}),                                    // expired
+  });
+  auto reply = raw->call(address, "dht.store", Message{nlohmann::json{{"items", items}}, {}}, 5s);
+  const auto& results = reply.header.at("results");
+  REQUIRE(results.size() == items.size());
+  CHECK(results[0] == "stored");
+  for (std::size_t i = 1; i < results.size(); ++i) {
+    CAPTURE(i);
+    CHECK(results[i] != "stored");
+  }
+  CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", "nope"}}, {}}, 5s), RemoteError);
+  CHECK_THROWS_AS(raw->call(address, "dht.store", Message{nlohmann::json(17), {}}, 5s), RemoteError);
+  CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {1, 2}}}, {}}, 5s), RemoteError);
+  // Still serving.
+  auto found = raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}}, {}}, 5s);
+  CHECK(found.header.at("results").at(0).contains("r"));
+  CHECK(peer.store("still", "alive", now + 60));
+  raw->close();
+}
+
+TEST_CASE("dht simulated: 200 peers store and find 1000 keys; 20% crash and >= 99% are still found") {
+  net::Runtime runtime(1);
+  auto network = net::SimNetwork::create(runtime.executor(), net::SimNetworkOptions().seed(3));
+  using Node = dht::Node<net::Simulated>;
+  constexpr int num_peers = 200, num_keys = 1000;
+  std::vector<std::shared_ptr<Node>> nodes;
+  std::mt19937 rng(5);
+  for (int i = 0; i < num_peers; ++i) {
+    auto node = Node::create(runtime.executor(), fast_node_options(), net::SimulatedOptions().network(network));
+    node->listen("0.0.0.0:0");
+    std::vector<std::string> initial;
+    if (!nodes.empty()) initial.push_back(nodes[std::uniform_int_distribution<int>(0, i - 1)(rng)]->address());
+    auto answered = asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
+    if (!initial.empty()) REQUIRE(answered == 1);
+    nodes.push_back(node);
+  }
+  const double expiration = wall_time() + 600;
+  auto run_all = [&](auto make_op) {
+    std::vector<std::future<bool>> futures;
+    for (int k = 0; k < num_keys; ++k) futures.push_back(asio::co_spawn(runtime.executor(), make_op(k), asio::use_future));
+    int ok = 0;
+    for (auto& f : futures) ok += f.get();
+    return ok;
+  };
+  std::vector<int> writer(num_keys), reader(num_keys);
+  for (int k = 0; k < num_keys; ++k) {
+    writer[k] = std::uniform_int_distribution<int>(0, num_peers - 1)(rng);
+    reader[k] = std::uniform_int_distribution<int>(0, num_peers - 1)(rng);
+  }
+  const int stored = run_all([&](int k) -> asio::awaitable<bool> {
+    std::vector<dht::StoreItem> items{{Id160::of(fmt::format("key{}", k)), std::nullopt,
+                                       nlohmann::json::to_msgpack(nlohmann::json(k)), expiration}};
+    auto ok = co_await nodes[writer[k]]->store_many(std::move(items));
+    co_return ok.at(0);
+  });
+  CHECK(stored == num_keys);
+  auto get_all = [&](const std::vector<bool>& alive) {
+    return run_all([&](int k) -> asio::awaitable<bool> {
+      int r = reader[k];
+      while (!alive[r]) r = (r + 1) % num_peers;
+      auto record = co_await nodes[r]->get(Id160::of(fmt::format("key{}", k)));
+      co_return record && !record->is_dictionary() &&
+          nlohmann::json::from_msgpack(record->regular().value) == nlohmann::json(k);
+    });
+  };
+  std::vector<bool> alive(num_peers, true);
+  CHECK(get_all(alive) == num_keys);
+
+  // Crash 20% of the peers, then read everything again from the survivors.
+  std::vector<int> order(num_peers);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  for (int i = 0; i < num_peers / 5; ++i) {
+    alive[order[i]] = false;
+    network->crash(net::HostPort::parse(nodes[order[i]]->address()).host);
+  }
+  const int found = get_all(alive);
+  MESSAGE("found " << found << " of " << num_keys << " keys after crashing " << num_peers / 5 << " peers");
+  CHECK(found >= num_keys * 99 / 100);
+  for (auto& n : nodes) n->close();
+}
+
+TEST_CASE("dht experts: declare and resolve uids, prefix dictionaries, uid validation") {
+  DHT a(DHTOptions().listen_on("127.0.0.1:0").node(fast_node_options()));
+  DHT b(DHTOptions().listen_on("127.0.0.1:0").initial_peers(a.visible_addresses()).node(fast_node_options()));
+  const double expiration = wall_time() + 60;
+  auto ok = dht::declare_experts(a, {"expert.3.7", "expert.3.8", "expert.4.0"}, "10.0.0.1:1337", expiration);
+  CHECK(ok == std::vector<bool>{true, true, true});
+  auto found = dht::get_experts(b, {"expert.3.7", "expert.4.0", "expert.9.9"});
+  REQUIRE(found.size() == 3);
+  CHECK(found[0] == std::optional<std::string>("10.0.0.1:1337"));
+  CHECK(found[1] == std::optional<std::string>("10.0.0.1:1337"));
+  CHECK_FALSE(found[2]);
+  // The prefix dictionaries beam search will walk.
+  auto top = b.get("expert.", true);
+  REQUIRE(top);
+  CHECK(top->dictionary.size() == 2);  // coordinates 3 and 4
+  auto row = b.get("expert.3.", true);
+  REQUIRE(row);
+  CHECK(row->dictionary.size() == 2);
+  CHECK(row->dictionary.at(dht::Subkey(std::int64_t{8})).value[0] == "expert.3.8");
+
+  for (const char* bad : {"expert", "expert.", ".3", "expert.x", "expert.-1", "expert.03", "expert.3.", "expert..3"})
+    CHECK_THROWS_AS(dht::parse_uid(bad), InvalidArgument);
+  CHECK(dht::parse_uid("ffn_expert.0.12").second == std::vector<std::int64_t>{0, 12});
+  CHECK_THROWS_AS(dht::declare_experts(a, {"bad uid"}, "10.0.0.1:1", expiration), InvalidArgument);
+}
