@@ -7,7 +7,8 @@
 // (compressed tensors) and averages them into its own. The swarm ends near the true weights
 // although no peer saw all the data.
 //
-//   hive_demo [--peers N] [--steps S] [--gossip_every K] [--dim D] [--compression none|float16|uniform8|quantile8]
+//   hive_demo [--peers N] [--steps S] [--gossip_every K] [--dim D] [--lr LR]
+//             [--compression none|float16|uniform8|quantile8]
 
 #include <hive/core/tensor_codec.hpp>
 #include <hive/dht/dht.hpp>
@@ -30,6 +31,7 @@ struct Args {
   int steps = 300;
   int gossip_every = 5;
   int dim = 256;
+  double lr = 0.05;
   hive::Compression compression = hive::Compression::float16;
 };
 
@@ -45,9 +47,10 @@ Args parse(int argc, char** argv) {
     else if (k == "--steps") a.steps = std::stoi(value());
     else if (k == "--gossip_every") a.gossip_every = std::stoi(value());
     else if (k == "--dim") a.dim = std::stoi(value());
+    else if (k == "--lr") a.lr = std::stod(value());
     else if (k == "--compression") a.compression = nlohmann::json(value()).get<hive::Compression>();
     else if (k == "--help" || k == "-h") {
-      fmt::print("usage: hive_demo [--peers N] [--steps S] [--gossip_every K] [--dim D] [--compression C]\n");
+      fmt::print("usage: hive_demo [--peers N] [--steps S] [--gossip_every K] [--dim D] [--lr LR] [--compression C]\n");
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown flag " + k + " (see --help)");
@@ -55,6 +58,7 @@ Args parse(int argc, char** argv) {
   }
   HIVE_CHECK(a.peers >= 2, "--peers must be at least 2, got {}", a.peers);
   HIVE_CHECK(a.steps >= 1 && a.gossip_every >= 1 && a.dim >= 1, "--steps, --gossip_every and --dim must be positive");
+  HIVE_CHECK(a.lr > 0 && a.lr < 1, "--lr must be in (0, 1), got {}", a.lr);
   return a;
 }
 
@@ -113,7 +117,7 @@ int main(int argc, char** argv) try {
   }
 
   std::mt19937 rng(1);
-  const double lr = 0.5 / args.dim;
+  const double lr = args.lr;
   std::uint64_t bytes_pulled = 0;
   int exchanges = 0;
   fmt::print("\n{:>6}  {}\n", "step", "loss of each peer on its own shard | distance of each peer to the true weights");

@@ -106,7 +106,7 @@ TEST_CASE("dht tcp: hostile input is refused while the peer keeps serving") {
   raw->close();
 }
 
-TEST_CASE("dht simulated: 200 peers store and find 1000 keys; 20% crash and >= 99% are still found") {
+TEST_CASE("dht simulated: 200 peers store and find 1000 keys, and with 20% crashed at least 99% are still found") {
   net::Runtime runtime(1);
   auto network = net::SimNetwork::create(runtime.executor(), net::SimNetworkOptions().seed(3));
   using Node = dht::Node<net::Simulated>;

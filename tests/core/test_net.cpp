@@ -262,7 +262,7 @@ std::vector<net::Frame> send_raw(const std::string& address, const std::vector<s
 
 }  // namespace
 
-TEST_CASE("net tcp: every malformed frame class gets an error or a closed connection; the peer keeps serving") {
+TEST_CASE("net tcp: every malformed frame class gets an error or a closed connection, and the peer keeps serving") {
   test::Swarm<net::Tcp> swarm;
   auto server = swarm.make({}, Limits().max_frame_bytes(1u << 20).max_blobs(16));
   server->add_handler("echo", test::echo);
