@@ -20,6 +20,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <type_traits>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -499,51 +500,55 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     for (const auto& [subkey, v] : record.dictionary()) items.push_back(StoreItem{key, subkey, v.value, v.expiration});
   }
 
-  asio::awaitable<std::optional<Id160>> ping_on_strand(const std::string& address) {
-    if (blacklist_.is_banned(address)) co_return std::nullopt;
-    std::optional<Id160> id;
+  // Calls `method` at `address` and parses the reply with `parse` (which throws on a malformed
+  // one). The peer counts as alive only when the reply parses; otherwise it is marked dead.
+  template <class Parse>
+  asio::awaitable<std::optional<std::invoke_result_t<Parse, const Message&>>> call_peer(
+      std::optional<Id160> id, std::string address, std::string method, Message request, Parse parse) {
+    std::optional<std::invoke_result_t<Parse, const Message&>> out;
     std::string failure;
     try {
-      Message request{nlohmann::json{{"from", sender()}}, {}};
-      auto reply = co_await rpc_->co_call(address, "dht.ping", std::move(request), options_.wait_timeout());
-      id = detail::id_from_json(reply.header.at("id"));
+      auto op = rpc_->co_call(address, method, std::move(request), options_.wait_timeout());
+      Message reply = co_await std::move(op);
+      out = parse(reply);
     } catch (const std::exception& e) {
       failure = e.what();
     }
-    if (id) {
-      saw_alive(*id, address);
-    } else {
-      log::debug("dht", "ping {} failed: {}", address, failure);
-      saw_dead(std::nullopt, address);
+    if (!out) {
+      log::debug("dht", "{} on {} failed: {}", method, address, failure);
+      saw_dead(id, address);
     }
+    co_return out;
+  }
+
+  asio::awaitable<std::optional<Id160>> ping_on_strand(const std::string& address) {
+    if (blacklist_.is_banned(address)) co_return std::nullopt;
+    Message request{nlohmann::json{{"from", sender()}}, {}};
+    auto op = call_peer(std::nullopt, address, "dht.ping", std::move(request),
+                        [](const Message& m) { return detail::id_from_json(m.header.at("id")); });
+    auto id = co_await std::move(op);
+    if (id) saw_alive(*id, address);
     co_return id;
   }
 
   // Sends items to one peer; returns per-item acceptance.
   asio::awaitable<std::vector<bool>> send_store(const NodeInfo& peer, const std::vector<StoreItem>& items, bool in_cache) {
-    std::vector<bool> ok(items.size(), false);
     nlohmann::json list = nlohmann::json::array();
     for (const auto& it : items)
       list.push_back({detail::id_to_json(it.key), it.subkey ? subkey_to_json(*it.subkey) : nlohmann::json(),
                       nlohmann::json::binary(it.value), it.expiration, in_cache});
-    std::string failure;
-    bool answered = false;
-    try {
-      Message request{nlohmann::json{{"from", sender()}, {"items", std::move(list)}}, {}};
-      auto reply = co_await rpc_->co_call(peer.address, "dht.store", std::move(request), options_.wait_timeout());
-      answered = true;
-      const auto& results = reply.header.at("results");
-      for (std::size_t i = 0; i < items.size() && i < results.size(); ++i) ok[i] = results[i] == "stored";
-    } catch (const std::exception& e) {
-      failure = e.what();
-    }
-    if (answered) {
-      saw_alive(peer.id, peer.address);
-    } else {
-      log::debug("dht", "store on {} failed: {}", peer.address, failure);
-      saw_dead(peer.id, peer.address);
-    }
-    co_return ok;
+    const std::size_t n = items.size();
+    Message request{nlohmann::json{{"from", sender()}, {"items", std::move(list)}}, {}};
+    auto op = call_peer(peer.id, peer.address, "dht.store", std::move(request), [n](const Message& m) {
+      const auto& results = m.header.at("results");
+      std::vector<bool> accepted(n, false);
+      for (std::size_t i = 0; i < n && i < results.size(); ++i) accepted[i] = results[i] == "stored";
+      return accepted;
+    });
+    auto ok = co_await std::move(op);
+    if (!ok) co_return std::vector<bool>(n, false);
+    saw_alive(peer.id, peer.address);
+    co_return std::move(*ok);
   }
 
   struct FindReply {
@@ -552,30 +557,21 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   };
 
   asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key) {
-    std::optional<FindReply> out;
-    std::string failure;
-    try {
-      Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
-      auto reply = co_await rpc_->co_call(peer.address, "dht.find", std::move(request), options_.wait_timeout());
-      const auto& r = reply.header.at("results").at(0);
-      FindReply found;
-      if (r.contains("r")) found.record = detail::record_from_json(r["r"]);
+    Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
+    auto op = call_peer(peer.id, peer.address, "dht.find", std::move(request), [](const Message& m) {
+      const auto& r = m.header.at("results").at(0);
+      FindReply reply;
+      if (r.contains("r")) reply.record = detail::record_from_json(r["r"]);
       for (const auto& n : r.at("n")) {
         if (!n.is_array() || n.size() != 2 || !n[1].is_string()) continue;
-        found.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
-        if (found.peers.size() >= K) break;
+        reply.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
+        if (reply.peers.size() >= K) break;
       }
-      out = std::move(found);
-    } catch (const std::exception& e) {
-      failure = e.what();
-    }
-    if (out) {
-      saw_alive(peer.id, peer.address);
-    } else {
-      log::debug("dht", "find on {} failed: {}", peer.address, failure);
-      saw_dead(peer.id, peer.address);
-    }
-    co_return out;
+      return reply;
+    });
+    auto found = co_await std::move(op);
+    if (found) saw_alive(peer.id, peer.address);
+    co_return found;
   }
 
   // ---- lookups ------------------------------------------------------------------------------
