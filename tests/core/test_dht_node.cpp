@@ -199,3 +199,59 @@ TEST_CASE("dht experts: declare and resolve uids, prefix dictionaries, uid valid
   CHECK(dht::parse_uid("ffn_expert.0.12").second == std::vector<std::int64_t>{0, 12});
   CHECK_THROWS_AS(dht::declare_experts(a, {"bad uid"}, "10.0.0.1:1", expiration), InvalidArgument);
 }
+
+namespace {
+/// An id at XOR distance `distance` (a small number) from `key`'s id.
+Id160 near(std::string_view key, std::uint8_t distance, bool flip_top = false) {
+  auto bytes = Id160::of(key).bytes();
+  bytes[19] ^= distance;
+  if (flip_top) bytes[0] ^= 0x80;
+  return Id160(bytes);
+}
+}  // namespace
+
+TEST_CASE("dht tcp: a newly seen closer peer is handed the keys, found values are cached, read cache entries refresh") {
+  const auto options = [] {
+    return DHTOptions().listen_on("127.0.0.1:0").node(
+        fast_node_options().num_replicas(1).refresh_period(Seconds(1)).cache_refresh_before_expiry(Seconds(3)));
+  };
+  // Hand-over: `far` holds the key alone; `nearest` joins and is closer, so it gets a copy.
+  auto far = std::make_unique<DHT>(options(), net::TcpOptions{}, near("k", 0, /*flip_top=*/true));
+  CHECK(far->store("k", "v1", wall_time() + 60));
+  DHT nearest(options().initial_peers(far->visible_addresses()), net::TcpOptions{}, near("k", 1));
+  auto sizes = [](DHT& d) { return asio::co_spawn(d.executor(), d.node()->storage_size(), asio::use_future).get(); };
+  CHECK(test::wait_for([&] { return sizes(nearest).first == 1; }));
+
+  // Caching: `far` reads the key; `middle` answered the lookup without it, so it caches it.
+  DHT middle(options().initial_peers(nearest.visible_addresses()), net::TcpOptions{}, near("k", 64));
+  auto got = far->get("k", /*latest=*/true);
+  REQUIRE(got);
+  CHECK(got->value->value == "v1");
+  CHECK(test::wait_for([&] { return sizes(middle).second == 1; }));
+
+  // Refresh: `middle` holds a cache entry about to expire and reads it; a newer value is then
+  // stored in the DHT, and shortly before the cached entry expires `middle` fetches it.
+  far.reset();
+  DHT writer(options().initial_peers(nearest.visible_addresses()).client_mode(true));
+  const double short_expiry = wall_time() + 4;
+  // A cache entry about to expire: store it into middle's cache directly via the protocol.
+  {
+    net::Runtime runtime(1);
+    auto raw = net::Rpc<net::Tcp>::create(runtime.executor());
+    const auto id = Id160::of("c");
+    auto key = nlohmann::json::binary(std::vector<std::uint8_t>(id.bytes().begin(), id.bytes().end()));
+    nlohmann::json items = nlohmann::json::array(
+        {nlohmann::json::array({key, nullptr, nlohmann::json::binary(nlohmann::json::to_msgpack("old")), short_expiry, true})});
+    auto reply = raw->call(middle.visible_addresses().at(0), "dht.store", Message{nlohmann::json{{"items", items}}, {}}, 5s);
+    CHECK(reply.header.at("results").at(0) == "stored");
+    raw->close();
+  }
+  CHECK(middle.get("c")->value->value == "old");  // served from the cache, and now watched
+  CHECK(writer.store("c", "new", wall_time() + 60));
+  CHECK(test::wait_for(
+      [&] {
+        auto v = middle.get("c");
+        return v && v->value && v->value->value == "new";
+      },
+      10s));
+}

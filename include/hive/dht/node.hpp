@@ -477,14 +477,18 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     const double now = wall_time();
     std::vector<StoreItem> items;
     for (auto& [key, record] : storage_.items(now)) {
-      const auto nearest = table_.nearest(key, options_.num_replicas());
-      const bool newcomer_in = std::any_of(nearest.begin(), nearest.end(), [&](const NodeInfo& n) { return n.id == newcomer.id; });
-      if (!newcomer_in) continue;
+      // The newcomer is a replica if fewer than num_replicas peers we know (this one included)
+      // are nearer to the key; of the holders, only the nearest sends.
+      const auto newcomer_distance = newcomer.id ^ key;
+      const auto own_distance = id_ ^ key;
+      std::size_t nearer = own_distance < newcomer_distance ? 1 : 0;
       bool we_are_nearest = true;
-      for (const auto& n : nearest)
-        if (n.id != newcomer.id && (n.id ^ key) < (id_ ^ key)) we_are_nearest = false;
-      if (!we_are_nearest) continue;
-      append_items(items, key, record);
+      for (const auto& n : table_.nearest(key, options_.num_replicas() + 1)) {
+        if (n.id == newcomer.id) continue;
+        if ((n.id ^ key) < newcomer_distance) ++nearer;
+        if ((n.id ^ key) < own_distance) we_are_nearest = false;
+      }
+      if (nearer < options_.num_replicas() && we_are_nearest) append_items(items, key, record);
     }
     if (items.empty()) return;
     asio::co_spawn(executor(), [self = this->shared_from_this(), newcomer, items = std::move(items)]() -> asio::awaitable<void> {
