@@ -7,6 +7,8 @@
 
 #include <hive/fwd.hpp>
 
+#include <torch/torch.h>
+
 #include <hive/core/buffer.hpp>
 #include <hive/core/clock.hpp>
 #include <hive/core/error.hpp>
@@ -23,3 +25,6 @@
 #include <hive/net/simulated.hpp>
 #include <hive/net/tcp.hpp>
 #include <hive/net/transport.hpp>
+
+#include <hive/dht/dht.hpp>
+#include <hive/dht/experts.hpp>
