@@ -227,8 +227,6 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   /// background upkeep. Returns the number of initial peers that answered.
   asio::awaitable<std::size_t> bootstrap(std::vector<std::string> initial_peers) {
     auto op = [self = this->shared_from_this(), peers = std::move(initial_peers)]() -> asio::awaitable<std::size_t> {
-      std::size_t answered = 0;
-      std::vector<std::shared_ptr<hive::detail::Event>> done;
       auto count = std::make_shared<std::size_t>(0);
       auto pending = std::make_shared<std::size_t>(peers.size());
       auto all = std::make_shared<hive::detail::Event>();
@@ -240,7 +238,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         }, asio::detached);
       }
       co_await all->wait(deadline_after(self->options_.wait_timeout() * 2));
-      answered = *count;
+      const std::size_t answered = *count;
       if (answered > 0) co_await self->lookup(self->id_, /*want_value=*/false, /*latest=*/false);
       self->start_upkeep();
       co_return answered;
