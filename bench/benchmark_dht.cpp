@@ -16,7 +16,6 @@
 #include <sys/resource.h>
 
 #include <algorithm>
-#include <map>
 #include <numeric>
 #include <chrono>
 #include <random>
@@ -138,26 +137,15 @@ int run(const Args& a) {
   const std::string endpoint = "10.0.0.1:1337";
 
   t0 = Clock::now();
-  std::size_t stored = 0, batches = 0;
+  std::size_t stored = 0;
   for (std::size_t b = 0; b < uids.size(); b += a.expert_batch_size) {
     std::vector<std::string> batch(uids.begin() + b, uids.begin() + std::min(uids.size(), b + a.expert_batch_size));
     // As hivemind's declare_experts: each declaration expires `expiration` seconds after it is
     // made, so a later batch's prefix entries replace an earlier batch's.
     const double expiration = hive::wall_time() + a.expiration;
-    // declare_experts on the raw node: the same records as hive::dht::declare_experts.
-    std::vector<hive::dht::StoreItem> items;
-    std::map<std::pair<hive::Id160, std::optional<hive::dht::Subkey>>, std::size_t> index;
-    std::vector<std::vector<std::size_t>> needs(batch.size());
-    for (std::size_t u = 0; u < batch.size(); ++u)
-      for (auto& r : hive::dht::expert_records({batch[u]}, endpoint, expiration)) {
-        auto [it, inserted] = index.try_emplace({r.key, r.subkey}, items.size());
-        if (inserted) items.push_back(std::move(r));
-        needs[u].push_back(it->second);
-      }
-    auto ok = asio::co_spawn(runtime.executor(), store_peer->store_many(std::move(items)), asio::use_future).get();
-    for (std::size_t u = 0; u < batch.size(); ++u)
-      stored += std::all_of(needs[u].begin(), needs[u].end(), [&](std::size_t i) { return ok[i]; });
-    ++batches;
+    auto declaration = hive::dht::declare_experts_items(batch, endpoint, expiration);
+    auto ok = asio::co_spawn(runtime.executor(), store_peer->store_many(declaration.items), asio::use_future).get();
+    for (bool uid_ok : declaration.per_uid(ok)) stored += uid_ok;
     progress("store", std::min(uids.size(), b + a.expert_batch_size), uids.size());
   }
   const double store_s = since(t0);

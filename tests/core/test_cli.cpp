@@ -6,6 +6,8 @@
 #include <doctest/doctest.h>
 
 #include <poll.h>
+#include <optional>
+
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -35,15 +37,20 @@ std::string read_line(int fd, std::chrono::milliseconds limit) {
   return line;
 }
 
-/// Waits for `pid` to exit within `limit`; returns its wait status, or -1 on timeout.
-int wait_exit(pid_t pid, std::chrono::milliseconds limit) {
+/// Reads `fd` to its end (the writer exited) within `limit`; returns what was read, or nullopt
+/// when the writer was still open at the deadline.
+std::optional<std::string> read_to_end(int fd, std::chrono::milliseconds limit) {
+  std::string out;
   const auto deadline = std::chrono::steady_clock::now() + limit;
-  int status = 0;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (waitpid(pid, &status, WNOHANG) == pid) return status;
-    std::this_thread::sleep_for(10ms);
+  char buf[4096];
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd p{fd, POLLIN, 0};
+    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) <= 0) return std::nullopt;
+    const auto n = read(fd, buf, sizeof buf);
+    if (n <= 0) return out;
+    out.append(buf, static_cast<std::size_t>(n));
   }
-  return -1;
 }
 
 }  // namespace
@@ -62,6 +69,14 @@ TEST_CASE("cli hive-dht: prints its address, serves a joining peer, stops cleanl
   REQUIRE(posix_spawn(&pid, exe, &actions, nullptr, argv, environ) == 0);
   posix_spawn_file_actions_destroy(&actions);
   close(out[1]);
+  // A failed REQUIRE must not leave the program running.
+  struct Reaper {
+    pid_t pid;
+    bool reaped = false;
+    ~Reaper() {
+      if (!reaped) kill(pid, SIGKILL), waitpid(pid, nullptr, 0);
+    }
+  } reaper{pid};
 
   std::string join;
   for (int i = 0; i < 3 && join.empty(); ++i) {
@@ -78,15 +93,17 @@ TEST_CASE("cli hive-dht: prints its address, serves a joining peer, stops cleanl
     CHECK(got->value->value == "cli-value");
   }
   REQUIRE(kill(pid, SIGINT) == 0);
-  const int status = wait_exit(pid, 10s);
-  if (status == -1) kill(pid, SIGKILL), waitpid(pid, nullptr, 0);
-  REQUIRE(status != -1);
+  // Its stdout reaches end-of-file when it exits; then waitpid returns at once.
+  const auto rest = read_to_end(out[0], 10s);
+  close(out[0]);
+  if (!rest) kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  reaper.reaped = true;
+  REQUIRE(rest.has_value());
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
-  std::string rest;
-  for (std::string line; !(line = read_line(out[0], 1s)).empty();) rest += line + "\n";
-  CHECK(rest.find("stopped") != std::string::npos);
-  close(out[0]);
+  CHECK(rest->find("stopped") != std::string::npos);
 
   // --help works and bad flags fail with a message.
   CHECK(std::system((std::string(HIVE_DHT_CLI) + " --help > /dev/null").c_str()) == 0);

@@ -7,7 +7,11 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <future>
+#include <mutex>
+
+#include <poll.h>
 
 using namespace hive;
 using namespace std::chrono_literals;
@@ -123,9 +127,16 @@ TEST_CASE_TEMPLATE("net rpc: timeouts and a peer that dies mid-call", T, net::Tc
   test::Swarm<T> swarm;
   auto server = swarm.make();
   auto client = swarm.make();
-  std::atomic<bool> entered{false};
+  // Counts the "hang" calls that reached the server; the test thread waits on it.
+  std::mutex entered_mutex;
+  std::condition_variable entered_cv;
+  int entered = 0;
   server->add_handler("hang", [&](net::CallContext, Message) -> asio::awaitable<Message> {
-    entered = true;
+    {
+      std::lock_guard lock(entered_mutex);
+      ++entered;
+    }
+    entered_cv.notify_all();
     asio::steady_timer t(co_await asio::this_coro::executor, 1h);
     co_await t.async_wait(asio::use_awaitable);
     co_return Message{};
@@ -139,9 +150,11 @@ TEST_CASE_TEMPLATE("net rpc: timeouts and a peer that dies mid-call", T, net::Tc
   CHECK(waited < 5s);
 
   // The server dies while a call is in flight: the caller hears of it long before its timeout.
-  entered = false;
   auto pending = client->async_call(address, "hang", Message{}, 60s, asio::use_future);
-  REQUIRE(test::wait_for([&] { return entered.load(); }));
+  {
+    std::unique_lock lock(entered_mutex);
+    REQUIRE(entered_cv.wait_for(lock, 10s, [&] { return entered == 2; }));
+  }
   t0 = std::chrono::steady_clock::now();
   server->close();
   REQUIRE(pending.wait_for(10s) == std::future_status::ready);
@@ -236,14 +249,13 @@ std::vector<net::Frame> send_raw(const std::string& address, const std::vector<s
   closed = false;
   std::array<std::byte, 4096> chunk;
   const auto deadline = std::chrono::steady_clock::now() + limit;
-  s.non_blocking(true);
-  while (std::chrono::steady_clock::now() < deadline && frames.size() < want) {
+  while (frames.size() < want) {
+    // Wait for bytes (or the peer closing) until the deadline.
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd p{s.native_handle(), POLLIN, 0};
+    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
     std::error_code ec;
     auto n = s.read_some(asio::buffer(chunk), ec);
-    if (ec == asio::error::would_block) {
-      std::this_thread::sleep_for(1ms);
-      continue;
-    }
     if (ec) {
       closed = true;
       break;

@@ -59,30 +59,50 @@ inline std::vector<StoreItem> expert_records(const std::vector<std::string>& uid
   return items;
 }
 
+/// The store items of one declaration, deduplicated: experts that share a prefix write the
+/// same (key, subkey) entry, which is stored once and counts for each of them.
+struct ExpertDeclaration {
+  /// What to store, one item per distinct (key, subkey).
+  std::vector<StoreItem> items;
+  /// For each uid, the indices in `items` of its records.
+  std::vector<std::vector<std::size_t>> records_of;
+
+  /// Per uid: whether all of its records were accepted, given per-item acceptance `ok`.
+  [[nodiscard]] std::vector<bool> per_uid(const std::vector<bool>& ok) const {
+    std::vector<bool> result(records_of.size(), true);
+    for (std::size_t u = 0; u < records_of.size(); ++u)
+      for (auto i : records_of[u]) result[u] = result[u] && ok.at(i);
+    return result;
+  }
+};
+
+/// Builds the records that announce `uids` at `address` until `expiration`; throws
+/// hive::InvalidArgument for a malformed uid or an empty address.
+inline ExpertDeclaration declare_experts_items(const std::vector<std::string>& uids, const std::string& address,
+                                               double expiration) {
+  HIVE_CHECK(!address.empty(), "declare_experts needs the address the experts are served at");
+  ExpertDeclaration d;
+  std::map<std::pair<Id160, std::optional<Subkey>>, std::size_t> index;
+  d.records_of.resize(uids.size());
+  for (std::size_t u = 0; u < uids.size(); ++u) {
+    for (auto& record : expert_records({uids[u]}, address, expiration)) {
+      auto [it, inserted] = index.try_emplace({record.key, record.subkey}, d.items.size());
+      if (inserted) d.items.push_back(std::move(record));
+      d.records_of[u].push_back(it->second);
+    }
+  }
+  return d;
+}
+
 /// Announces that `address` serves `uids` until `expiration`. Returns, per uid, whether all of
 /// its records were accepted by at least one replica.
 template <net::Transport T, Routing R>
 std::vector<bool> declare_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, const std::string& address,
                                   double expiration) {
-  HIVE_CHECK(!address.empty(), "declare_experts needs the address the experts are served at");
-  // Experts sharing a prefix write the same (key, subkey) entry: store it once, and let each
-  // uid's success depend on the one copy.
-  std::vector<StoreItem> items;
-  std::map<std::pair<Id160, std::optional<Subkey>>, std::size_t> index;
-  std::vector<std::vector<std::size_t>> needs(uids.size());
-  for (std::size_t u = 0; u < uids.size(); ++u) {
-    for (auto& record : expert_records({uids[u]}, address, expiration)) {
-      auto [it, inserted] = index.try_emplace({record.key, record.subkey}, items.size());
-      if (inserted) items.push_back(std::move(record));
-      needs[u].push_back(it->second);
-    }
-  }
+  auto declaration = declare_experts_items(uids, address, expiration);
   auto node = dht.node();
-  auto ok = asio::co_spawn(dht.executor(), node->store_many(std::move(items)), asio::use_future).get();
-  std::vector<bool> result(uids.size(), true);
-  for (std::size_t u = 0; u < uids.size(); ++u)
-    for (auto i : needs[u]) result[u] = result[u] && ok.at(i);
-  return result;
+  auto ok = asio::co_spawn(dht.executor(), node->store_many(declaration.items), asio::use_future).get();
+  return declaration.per_uid(ok);
 }
 
 /// Resolves each uid to the address serving it, or nullopt when no alive record exists.

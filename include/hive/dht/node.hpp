@@ -673,7 +673,6 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   }
 
   asio::awaitable<std::vector<bool>> store_on_strand(std::vector<StoreItem> items) {
-    std::vector<bool> ok(items.size(), false);
     // Group by key: one lookup per distinct key, then one store request per replica.
     std::map<Id160, std::vector<std::size_t>> by_key;
     for (std::size_t i = 0; i < items.size(); ++i) by_key[items[i].key].push_back(i);

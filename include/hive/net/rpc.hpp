@@ -136,7 +136,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
 
   /// Registers (or replaces) the handler of `method`.
   void add_handler(std::string method, Handler handler) {
-    std::lock_guard lock(handlers_mutex_);
+    std::lock_guard lock(mutex_);
     handlers_[std::move(method)] = std::move(handler);
   }
 
@@ -163,7 +163,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       HIVE_CHECK(!closed_, "listen() after close()");
       bound = transport_.listen(address);
       {
-        std::lock_guard lock(handlers_mutex_);
+        std::lock_guard lock(mutex_);
         listen_address_ = bound;
       }
       asio::co_spawn(get_executor(), accept_loop(this->shared_from_this()), asio::detached);
@@ -172,7 +172,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   }
   /// The address given by listen(), or empty.
   [[nodiscard]] std::string listen_address() const {
-    std::lock_guard lock(handlers_mutex_);
+    std::lock_guard lock(mutex_);
     return listen_address_;
   }
 
@@ -314,21 +314,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
 
   template <class F>
   void run_on_strand(F&& f) {
-    auto ex = get_executor();
-    if (ex.running_in_this_thread()) {
-      f();
-      return;
-    }
-    std::promise<void> done;
-    asio::dispatch(ex, [&] {
-      try {
-        f();
-        done.set_value();
-      } catch (...) {
-        done.set_exception(std::current_exception());
-      }
-    });
-    done.get_future().get();
+    hive::detail::run_blocking_on(get_executor(), std::forward<F>(f));
   }
 
   void close_on_strand() {
@@ -428,7 +414,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   static asio::awaitable<void> serve_request(std::shared_ptr<Rpc> self, std::shared_ptr<Session> session, Frame frame) {
     Handler handler;
     {
-      std::lock_guard lock(self->handlers_mutex_);
+      std::lock_guard lock(self->mutex_);
       if (auto it = self->handlers_.find(frame.method); it != self->handlers_.end()) handler = it->second;
     }
     Frame reply;
@@ -561,7 +547,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
 
   T transport_;
   RpcOptions options_;
-  mutable std::mutex handlers_mutex_;
+  mutable std::mutex mutex_;  // guards handlers_ and listen_address_, read from any thread
   std::unordered_map<std::string, Handler> handlers_;
   std::string listen_address_;
   std::set<std::shared_ptr<Session>> sessions_;

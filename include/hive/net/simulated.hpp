@@ -139,16 +139,7 @@ class SimNetwork : public std::enable_shared_from_this<SimNetwork> {
 
   template <class F>
   void run(F&& f) {
-    if (strand_.running_in_this_thread()) {
-      f();
-      return;
-    }
-    std::promise<void> done;
-    asio::dispatch(strand_, [&] {
-      f();
-      done.set_value();
-    });
-    done.get_future().get();
+    hive::detail::run_blocking_on(strand_, std::forward<F>(f));
   }
 
   Seconds draw_latency() {
