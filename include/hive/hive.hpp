@@ -28,3 +28,10 @@
 
 #include <hive/dht/dht.hpp>
 #include <hive/dht/experts.hpp>
+
+#include <hive/moe/backend.hpp>
+#include <hive/moe/experts.hpp>
+#include <hive/moe/remote_expert.hpp>
+#include <hive/moe/scheduler.hpp>
+#include <hive/moe/schema.hpp>
+#include <hive/moe/server.hpp>

@@ -5,7 +5,10 @@
 
 #include <hive/dht/dht.hpp>
 
+#include <algorithm>
 #include <charconv>
+#include <optional>
+#include <random>
 #include <map>
 #include <string>
 #include <string_view>
@@ -38,6 +41,75 @@ inline std::pair<std::string, std::vector<std::int64_t>> parse_uid(std::string_v
     at = next + 1;
   }
   return {std::move(prefix), std::move(coords)};
+}
+
+/// Expands an expert-uid pattern: a prefix, then dot-separated coordinates, each an integer or
+/// a half-open range "[a:b]" ("expert.[0:4].[0:3]" names 12 uids). With `count`, returns that
+/// many distinct uids drawn at random (seeded by `seed`) in sorted order; without it, all of
+/// them in order. Throws hive::InvalidArgument for a malformed pattern, an empty range, or a
+/// count above the number of uids the pattern names.
+inline std::vector<std::string> expand_uid_pattern(std::string_view pattern, std::optional<std::size_t> count = std::nullopt,
+                                                   std::uint64_t seed = 0) {
+  constexpr std::uint64_t max_uids = std::uint64_t{1} << 20;
+  const auto first = pattern.find(uid_delimiter);
+  HIVE_CHECK(first != std::string_view::npos && first > 0,
+             "uid pattern '{}' must look like prefix.c1[.c2...], each c an integer or a range [a:b]", pattern);
+  std::vector<std::pair<std::int64_t, std::int64_t>> ranges;  // [lo, hi)
+  std::size_t at = first + 1;
+  for (;;) {
+    const auto next = pattern.find(uid_delimiter, at);
+    const auto part = pattern.substr(at, next == std::string_view::npos ? std::string_view::npos : next - at);
+    auto number = [&](std::string_view text) {
+      std::int64_t value = -1;
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+      HIVE_CHECK(!text.empty() && ec == std::errc{} && end == text.data() + text.size() && value >= 0,
+                 "uid pattern '{}': '{}' is not a non-negative integer", pattern, text);
+      return value;
+    };
+    if (part.size() >= 2 && part.front() == '[' && part.back() == ']') {
+      const auto colon = part.find(':');
+      HIVE_CHECK(colon != std::string_view::npos, "uid pattern '{}': range '{}' must look like [a:b]", pattern, part);
+      const auto lo = number(part.substr(1, colon - 1)), hi = number(part.substr(colon + 1, part.size() - colon - 2));
+      HIVE_CHECK(lo < hi, "uid pattern '{}': range '{}' is empty", pattern, part);
+      ranges.emplace_back(lo, hi);
+    } else {
+      const auto v = number(part);
+      ranges.emplace_back(v, v + 1);
+    }
+    if (next == std::string_view::npos) break;
+    at = next + 1;
+  }
+  std::uint64_t total = 1;
+  for (auto [lo, hi] : ranges) {
+    total *= static_cast<std::uint64_t>(hi - lo);
+    HIVE_CHECK(total <= max_uids, "uid pattern '{}' names more than {} uids", pattern, max_uids);
+  }
+  const std::string prefix(pattern.substr(0, first));
+  auto uid_at = [&](std::uint64_t index) {
+    std::string uid = prefix;
+    std::vector<std::int64_t> coords(ranges.size());
+    for (std::size_t i = ranges.size(); i-- > 0;) {
+      const auto size = static_cast<std::uint64_t>(ranges[i].second - ranges[i].first);
+      coords[i] = ranges[i].first + static_cast<std::int64_t>(index % size);
+      index /= size;
+    }
+    for (auto c : coords) uid += uid_delimiter + std::to_string(c);
+    return uid;
+  };
+  std::vector<std::uint64_t> picked(total);
+  for (std::uint64_t i = 0; i < total; ++i) picked[i] = i;
+  if (count) {
+    HIVE_CHECK(*count <= total, "uid pattern '{}' names {} uids, fewer than the {} asked for", pattern, total, *count);
+    std::mt19937_64 rng(seed);
+    for (std::size_t i = 0; i < *count; ++i)  // partial Fisher-Yates
+      std::swap(picked[i], picked[i + std::uniform_int_distribution<std::uint64_t>(0, total - 1 - i)(rng)]);
+    picked.resize(*count);
+    std::sort(picked.begin(), picked.end());
+  }
+  std::vector<std::string> uids;
+  uids.reserve(picked.size());
+  for (auto i : picked) uids.push_back(uid_at(i));
+  return uids;
 }
 
 /// The records that announce `uids` at `address`: the uid itself → address, and for each

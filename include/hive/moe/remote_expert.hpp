@@ -1,0 +1,247 @@
+#pragma once
+/// @file
+/// RemoteExpert: an expert on another machine used like a local torch module, with autograd
+/// (the backward pass sends grad_outputs to the server and gets the input gradients back).
+
+#include <hive/core/tensor_codec.hpp>
+#include <hive/dht/experts.hpp>
+#include <hive/moe/server.hpp>
+#include <hive/net/rpc.hpp>
+#include <hive/net/runtime.hpp>
+
+#include <torch/autograd.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/pimpl.h>
+
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace hive::moe {
+
+/// Run-time knobs of a RemoteExpert.
+struct RemoteExpertOptions {
+  /// Longest a forward call may take (including time queued on the server).
+  HIVE_ARG(Seconds, forward_timeout, Seconds(30));
+  /// Longest a backward call may take.
+  HIVE_ARG(Seconds, backward_timeout, Seconds(60));
+  /// Compression of the tensors sent, and asked of the server for its replies.
+  HIVE_ARG(Compression, compression, Compression::none);
+  HIVE_OPTIONS_JSON(RemoteExpertOptions, forward_timeout, backward_timeout, compression)
+};
+
+/// How remote experts reach their servers: a call by address and method returning a future.
+/// Implemented by Client<T>; a test may supply its own.
+class ExpertClient {
+ public:
+  virtual ~ExpertClient() = default;
+  /// Sends `request` to `method` at `address`; the future throws hive::Error / RemoteError.
+  virtual std::future<Message> call(const std::string& address, std::string_view method, Message request,
+                                    Seconds timeout) = 0;
+};
+
+/// An ExpertClient over transport T with its own io runtime (connections are kept open and
+/// shared by every expert that uses this client).
+///
+/// @tparam T the net::Transport policy
+template <net::Transport T = net::Tcp>
+class Client final : public ExpertClient {
+ public:
+  /// Starts `threads` io threads and an RPC peer that only calls out.
+  explicit Client(typename T::Options transport_options = typename T::Options{}, net::RpcOptions rpc_options = {},
+                  int threads = 1)
+      : runtime_(threads), rpc_(net::Rpc<T>::create(runtime_.executor(), std::move(transport_options), std::move(rpc_options))) {}
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  /// Fails calls in flight with a shutdown error and joins the io threads.
+  ~Client() override {
+    rpc_->close();
+    rpc_.reset();
+    runtime_.stop();
+  }
+
+  /// Sends `request` to `method` at `address`.
+  std::future<Message> call(const std::string& address, std::string_view method, Message request,
+                            Seconds timeout) override {
+    return rpc_->async_call(address, std::string(method), std::move(request), timeout, asio::use_future);
+  }
+  /// The RPC peer.
+  [[nodiscard]] const std::shared_ptr<net::Rpc<T>>& rpc() const noexcept { return rpc_; }
+
+ private:
+  net::Runtime runtime_;
+  std::shared_ptr<net::Rpc<T>> rpc_;
+};
+
+/// The process-wide TCP client that remote experts use unless given another.
+inline std::shared_ptr<ExpertClient> default_client() {
+  static const std::shared_ptr<ExpertClient> client = std::make_shared<Client<net::Tcp>>();
+  return client;
+}
+
+namespace detail {
+
+/// What a remote call needs, shared by a RemoteExpert, its clones and the autograd nodes of
+/// its calls (which may outlive the module).
+struct ExpertCall : torch::CustomClassHolder {
+  std::string uid;
+  std::string address;
+  std::shared_ptr<ExpertClient> client;
+  RemoteExpertOptions options;
+  std::mutex mutex;
+  std::optional<nlohmann::json> info;
+
+  [[nodiscard]] Message request(const std::vector<at::Tensor>& tensors) const {
+    Message m;
+    m.header = {{"uid", uid}};
+    if (options.compression() != Compression::none) m.header["compression"] = options.compression();
+    add_tensors(m, tensors, options.compression());
+    return m;
+  }
+
+  std::vector<at::Tensor> call(std::string_view method, const std::vector<at::Tensor>& tensors, Seconds timeout) {
+    auto reply = client->call(address, method, request(tensors), timeout).get();
+    return get_tensors(reply);
+  }
+
+  std::vector<at::Tensor> forward(const std::vector<at::Tensor>& inputs) {
+    return call(forward_method, inputs, options.forward_timeout());
+  }
+
+  std::vector<at::Tensor> backward(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& grad_outputs) {
+    std::vector<at::Tensor> both(inputs);
+    both.insert(both.end(), grad_outputs.begin(), grad_outputs.end());
+    auto grads = call(backward_method, both, options.backward_timeout());
+    if (grads.size() != inputs.size())
+      throw Error(errc::bad_tensor, fmt::format("expert {} returned {} gradients for {} inputs", uid, grads.size(), inputs.size()));
+    return grads;
+  }
+
+  const nlohmann::json& fetch_info() {
+    std::lock_guard lock(mutex);
+    if (!info) {
+      Message m;
+      m.header = {{"uid", uid}};
+      info = client->call(address, info_method, std::move(m), options.forward_timeout()).get().header;
+    }
+    return *info;
+  }
+};
+
+/// The autograd function of one remote call: forward sends the inputs, backward sends the
+/// saved inputs and the output gradients and returns the input gradients.
+struct RemoteCall : torch::autograd::Function<RemoteCall> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::intrusive_ptr<ExpertCall> call,
+                                                at::TensorList inputs) {
+    std::vector<at::Tensor> in(inputs.begin(), inputs.end());
+    auto outputs = call->forward(in);
+    ctx->saved_data["call"] = c10::IValue::make_capsule(c10::intrusive_ptr<torch::CustomClassHolder>(std::move(call)));
+    ctx->save_for_backward(in);
+    std::vector<at::Tensor> constant;
+    for (const auto& o : outputs)
+      if (!at::isFloatingType(o.scalar_type())) constant.push_back(o);
+    if (!constant.empty()) ctx->mark_non_differentiable(constant);
+    return outputs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto call = c10::static_intrusive_pointer_cast<ExpertCall>(ctx->saved_data["call"].toCapsule());
+    auto inputs = ctx->get_saved_variables();
+    std::vector<at::Tensor> detached;
+    for (const auto& x : inputs) detached.push_back(x.detach());
+    for (auto& g : grad_outputs) g = g.detach();
+    auto grads = call->backward(detached, grad_outputs);
+    torch::autograd::variable_list out;
+    out.reserve(inputs.size() + 1);
+    out.emplace_back();  // `call` is not a tensor
+    for (std::size_t i = 0; i < inputs.size(); ++i)
+      out.push_back(at::isFloatingType(inputs[i].scalar_type()) ? grads[i] : at::Tensor());
+    return out;
+  }
+};
+
+}  // namespace detail
+
+/// An expert served elsewhere, used like a local module: `expert(x)` runs the forward on the
+/// server; a backward pass through the result runs the expert's backward there (which also
+/// trains it) and returns the gradient of `x`.
+///
+/// @par Example
+/// @code
+/// hive::moe::RemoteExpert expert("expert.0", "127.0.0.1:1337");
+/// auto y = expert(torch::randn({3, 512}, torch::requires_grad()));
+/// y.sum().backward();
+/// @endcode
+/// @par Thread safety
+/// Calls from several threads at once are fine; each blocks its thread until its reply.
+class RemoteExpertImpl : public torch::nn::Cloneable<RemoteExpertImpl> {
+ public:
+  /// Expert `uid` served at `address`, reached through `client` (default_client() when null).
+  RemoteExpertImpl(std::string uid, std::string address, std::shared_ptr<ExpertClient> client = nullptr,
+                   RemoteExpertOptions options = {}) {
+    HIVE_CHECK(!uid.empty() && !address.empty(), "a remote expert needs a uid and an address");
+    call_ = c10::make_intrusive<detail::ExpertCall>();
+    call_->uid = std::move(uid);
+    call_->address = std::move(address);
+    call_->client = client ? std::move(client) : default_client();
+    call_->options = std::move(options);
+  }
+  /// Nothing to reset: the parameters live on the server.
+  void reset() override {}
+
+  /// One input, one output: the common case (ffn, transformer, nop). `expert(x)` calls this.
+  at::Tensor forward(const at::Tensor& x) {
+    auto outputs = call({x});
+    HIVE_CHECK(outputs.size() == 1, "expert {} returns {} tensors; use call() for several", uid(), outputs.size());
+    return outputs.front();
+  }
+  /// Any number of inputs and outputs (det_dropout takes {x, mask}); `forward` is the
+  /// one-tensor form (a module holder's call operator needs a single, non-overloaded forward).
+  std::vector<at::Tensor> call(std::vector<at::Tensor> inputs) {
+    return detail::RemoteCall::apply(call_, at::TensorList(inputs));
+  }
+
+  /// The expert's info from its server (schemas, parameters, updates), fetched on first use.
+  const nlohmann::json& info() { return call_->fetch_info(); }
+  /// The expert's uid.
+  [[nodiscard]] const std::string& uid() const noexcept { return call_->uid; }
+  /// The server's address.
+  [[nodiscard]] const std::string& address() const noexcept { return call_->address; }
+  /// The options.
+  [[nodiscard]] const RemoteExpertOptions& options() const noexcept { return call_->options; }
+
+  /// Prints RemoteExpert(uid=…, address=…).
+  void pretty_print(std::ostream& stream) const override {
+    stream << "hive::moe::RemoteExpert(uid=" << uid() << ", address=" << address() << ")";
+  }
+
+ private:
+  c10::intrusive_ptr<detail::ExpertCall> call_;
+};
+/// An expert served elsewhere (module holder); RemoteExpert(nullptr) is empty.
+TORCH_MODULE(RemoteExpert);
+
+/// Looks `uids` up in the DHT and returns a RemoteExpert for each, or an empty one (testing
+/// false) for a uid that no server announces. Over a transport other than net::Tcp, pass a
+/// Client<T> on the same network.
+template <net::Transport T, dht::Routing R>
+std::vector<RemoteExpert> get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids,
+                                      std::shared_ptr<ExpertClient> client = nullptr, const RemoteExpertOptions& options = {}) {
+  if (!client) {
+    HIVE_CHECK((std::is_same_v<T, net::Tcp>), "get_experts over a non-TCP DHT needs a moe::Client on the same network");
+    client = default_client();
+  }
+  auto addresses = dht::get_experts(dht, uids);
+  std::vector<RemoteExpert> out;
+  out.reserve(uids.size());
+  for (std::size_t i = 0; i < uids.size(); ++i)
+    out.push_back(addresses[i] ? RemoteExpert(uids[i], *addresses[i], client, options) : RemoteExpert(nullptr));
+  return out;
+}
+
+}  // namespace hive::moe
