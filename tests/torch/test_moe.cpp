@@ -252,6 +252,10 @@ TEST_CASE("moe server: RemoteExpert forward and backward equal the module run lo
     torch::NoGradGuard no_grad;
     CHECK_FALSE(remote(at::randn({2, 16})).requires_grad());
   }
+  // Data that does not require grad (the first layer of a model): the backward still reaches
+  // the server, so the expert trains.
+  remote(at::randn({2, 16})).sum().backward();
+  CHECK(server.backend("expert.3").updates() == 4);
   // Compression: float16 both ways, close to the exact result.
   moe::RemoteExpert half("expert.3", server.address(), nullptr, moe::RemoteExpertOptions().compression(Compression::float16));
   auto xh = at::randn({2, 16});
@@ -424,3 +428,87 @@ struct NotABackend {
 static_assert(!moe::Backend<NotABackend>);
 static_assert(!moe::Scheduler<NotABackend>);
 static_assert(moe::Backend<moe::ModuleBackend<moe::FFN>>);
+
+#ifdef HIVE_SERVER_CLI
+#include "../common/child_process.hpp"
+
+#include <fstream>
+#include <sstream>
+
+namespace {
+
+/// The hive-server child's join address, read from its banner.
+std::string server_address(test::ChildProcess& child) {
+  auto line = child.read_until("--initial_peers ", 60s);
+  REQUIRE(line);
+  return line->substr(line->find("--initial_peers ") + 16);
+}
+
+/// CPU time (user + system, in clock ticks) that process `pid` has used so far.
+long cpu_ticks(pid_t pid) {
+  std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  std::istringstream fields(text.substr(text.rfind(')') + 2));  // after "pid (comm) "
+  std::string field;
+  long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {
+    if (i == 14) utime = std::stol(field);
+    if (i == 15) stime = std::stol(field);
+  }
+  return utime + stime;
+}
+
+}  // namespace
+
+TEST_CASE("cli hive-server: prints its address, serves its experts, stops cleanly on SIGINT") {
+  test::ChildProcess child({HIVE_SERVER_CLI, "--expert_cls", "ffn", "--hidden_dim", "16", "--num_experts", "3",
+                            "--listen_on", "127.0.0.1:0", "--optimizer", "adam"});
+  const auto address = server_address(child);
+  {
+    DHT client(DHTOptions().client_mode(true).initial_peers({address}));
+    auto experts = moe::get_experts(client, {"expert.0", "expert.2", "expert.3"});
+    REQUIRE(experts[0]);
+    REQUIRE(experts[1]);
+    CHECK_FALSE(experts[2]);
+    CHECK(experts[1]->info()["optimizer"] == "adam");
+    auto x = at::randn({4, 16}).requires_grad_();
+    experts[0](experts[1](x)).sum().backward();
+    CHECK(x.grad().defined());
+  }
+  REQUIRE(child.signal(SIGINT));
+  std::string rest;
+  const auto status = child.wait_exit(60s, &rest);
+  REQUIRE(status.has_value());
+  CHECK(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);
+  CHECK(rest.find("stopped") != std::string::npos);
+
+  CHECK(std::system((std::string(HIVE_SERVER_CLI) + " --help > /dev/null").c_str()) == 0);
+  CHECK(std::system((std::string(HIVE_SERVER_CLI) + " --no-such-flag 2> /dev/null").c_str()) != 0);
+  CHECK(std::system((std::string(HIVE_SERVER_CLI) + " --expert_cls nosuch --num_experts 1 2> /dev/null").c_str()) != 0);
+  CHECK(std::system((std::string(HIVE_SERVER_CLI) + " --hidden_dim 8 2> /dev/null").c_str()) != 0);  // which experts?
+}
+
+TEST_CASE("cli hive-server: a server killed mid-request gives the client an error well within its timeout") {
+  test::ChildProcess child({HIVE_SERVER_CLI, "--expert_cls", "ffn", "--hidden_dim", "256", "--num_experts", "1",
+                            "--listen_on", "127.0.0.1:0", "--max_batch_size", "16384"});
+  const auto address = server_address(child);
+  moe::RemoteExpert expert("expert.0", address, std::make_shared<moe::Client<>>(),
+                           moe::RemoteExpertOptions().forward_timeout(Seconds(120)).backward_timeout(Seconds(120)));
+  (void)expert(at::randn({2, 256}));  // connected and served once
+  // A backward of 16384 rows keeps the server computing for a while; kill it once it has
+  // visibly started (its CPU time grows), then the call must fail fast, not wait 120 s.
+  const long before = cpu_ticks(child.pid());
+  const auto start = SteadyClock::now();
+  auto call = std::async(std::launch::async, [&] {
+    return error_of([&] { expert(at::randn({16384, 256}).requires_grad_()).sum().backward(); });
+  });
+  CHECK(test::wait_for([&] { return cpu_ticks(child.pid()) > before + 20; }, 60s));
+  REQUIRE(child.signal(SIGKILL));
+  REQUIRE(call.wait_for(60s) == std::future_status::ready);
+  const auto error = call.get();
+  CHECK(error.find("connection") != std::string::npos);
+  CHECK(SteadyClock::now() - start < 60s);
+  (void)child.wait_exit(10s);
+}
+#endif

@@ -135,8 +135,12 @@ struct ExpertCall : torch::CustomClassHolder {
 /// The autograd function of one remote call: forward sends the inputs, backward sends the
 /// saved inputs and the output gradients and returns the input gradients.
 struct RemoteCall : torch::autograd::Function<RemoteCall> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::intrusive_ptr<ExpertCall> call,
-                                                at::TensorList inputs) {
+  /// `dummy` is an empty tensor that requires grad: with it the call is part of the graph even
+  /// when no input requires grad (data fed straight to an expert), so that the backward pass
+  /// still reaches the server and trains the expert.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& dummy,
+                                                c10::intrusive_ptr<ExpertCall> call, at::TensorList inputs) {
+    (void)dummy;
     std::vector<at::Tensor> in(inputs.begin(), inputs.end());
     auto outputs = call->forward(in);
     ctx->saved_data["call"] = c10::IValue::make_capsule(c10::intrusive_ptr<torch::CustomClassHolder>(std::move(call)));
@@ -157,7 +161,8 @@ struct RemoteCall : torch::autograd::Function<RemoteCall> {
     for (auto& g : grad_outputs) g = g.detach();
     auto grads = call->backward(detached, grad_outputs);
     torch::autograd::variable_list out;
-    out.reserve(inputs.size() + 1);
+    out.reserve(inputs.size() + 2);
+    out.emplace_back();  // dummy
     out.emplace_back();  // `call` is not a tensor
     for (std::size_t i = 0; i < inputs.size(); ++i)
       out.push_back(at::isFloatingType(inputs[i].scalar_type()) ? grads[i] : at::Tensor());
@@ -203,7 +208,7 @@ class RemoteExpertImpl : public torch::nn::Cloneable<RemoteExpertImpl> {
   /// Any number of inputs and outputs (det_dropout takes {x, mask}); `forward` is the
   /// one-tensor form (a module holder's call operator needs a single, non-overloaded forward).
   std::vector<at::Tensor> call(std::vector<at::Tensor> inputs) {
-    return detail::RemoteCall::apply(call_, at::TensorList(inputs));
+    return detail::RemoteCall::apply(at::empty({0}).requires_grad_(), call_, at::TensorList(inputs));
   }
 
   /// The expert's info from its server (schemas, parameters, updates), fetched on first use.
