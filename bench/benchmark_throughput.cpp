@@ -585,38 +585,50 @@ struct LocalResult {
 };
 
 // The same batches (count, size, expert class, width, forward and backward with the optimizer
-// step) run in this process with no networking: what the machine can do.
-LocalResult run_local(const Config& c) {
-  auto backends = hive::moe::make_backends(c.expert_cls, expert_uids(c.num_experts), c.hidden_dim);
-  const auto cls = hive::moe::ExpertRegistry::global().get(c.expert_cls);
-  at::manual_seed(c.seed);
-  const auto inputs = cls.sample_inputs(c.batch_size, c.hidden_dim);
-  std::vector<at::Tensor> ones;
-  std::mt19937_64 rng(c.seed);
-  std::uniform_int_distribution<int> pick(0, c.num_experts - 1);
-  auto step = [&](hive::moe::ModuleBackend<>& backend) {
-    const auto t0 = Clock::now();
-    auto outputs = backend.forward(inputs);
-    const auto t1 = Clock::now();
-    if (c.backprop) {
-      if (ones.empty()) ones = {at::ones_like(outputs.front())};
-      (void)backend.backward(inputs, ones);
-    }
-    return std::pair{std::chrono::duration<double, std::micro>(t1 - t0).count(),
-                     std::chrono::duration<double, std::micro>(Clock::now() - t1).count()};
-  };
-  step(backends.front());  // warm-up, as the clients make one call before the clock starts
-  LocalResult r;
-  const int total = c.num_clients * c.num_batches_per_client;
-  const auto t0 = Clock::now();
-  for (int i = 0; i < total; ++i) {
-    auto [f, b] = step(backends[static_cast<std::size_t>(pick(rng))]);
-    r.forward_us.push_back(f);
-    if (c.backprop) r.backward_us.push_back(b);
+// step) run in this process with no networking: what the machine can do. Half run before the
+// remote run and half after it, so that a change of load on the machine weighs on both alike.
+class LocalBaseline {
+ public:
+  explicit LocalBaseline(const Config& c)
+      : c_(c),
+        backends_(hive::moe::make_backends(c.expert_cls, expert_uids(c.num_experts), c.hidden_dim)),
+        rng_(c.seed),
+        pick_(0, c.num_experts - 1) {
+    at::manual_seed(c.seed);
+    inputs_ = hive::moe::ExpertRegistry::global().get(c.expert_cls).sample_inputs(c.batch_size, c.hidden_dim);
+    step(backends_.front());  // warm-up, as each client makes one call before the clock starts
   }
-  r.elapsed_s = seconds_since(t0);
-  return r;
-}
+
+  // Runs `batches` batches on experts picked at random, adding to `r`.
+  void run(int batches, LocalResult& r) {
+    const auto t0 = Clock::now();
+    for (int i = 0; i < batches; ++i) {
+      auto [f, b] = step(backends_[static_cast<std::size_t>(pick_(rng_))]);
+      r.forward_us.push_back(f);
+      if (c_.backprop) r.backward_us.push_back(b);
+    }
+    r.elapsed_s += seconds_since(t0);
+  }
+
+ private:
+  std::pair<double, double> step(hive::moe::ModuleBackend<>& backend) {
+    const auto t0 = Clock::now();
+    auto outputs = backend.forward(inputs_);
+    const auto t1 = Clock::now();
+    if (c_.backprop) {
+      if (ones_.empty()) ones_ = {at::ones_like(outputs.front())};
+      (void)backend.backward(inputs_, ones_);
+    }
+    return {std::chrono::duration<double, std::micro>(t1 - t0).count(),
+            std::chrono::duration<double, std::micro>(Clock::now() - t1).count()};
+  }
+
+  const Config& c_;
+  std::vector<hive::moe::ModuleBackend<>> backends_;
+  std::vector<at::Tensor> inputs_, ones_;
+  std::mt19937_64 rng_;
+  std::uniform_int_distribution<int> pick_;
+};
 
 // ---- the parent: the run ---------------------------------------------------------------------
 
@@ -642,6 +654,15 @@ int run_parent(const Config& c) {
              c.num_batches_per_client, c.batch_size, c.backprop ? "forward+backward" : "forward");
   fmt::print("blas: {}; load average {:.2f}\n", blas, load);
   std::fflush(stdout);
+
+  // The local baseline's first half, before any other process starts.
+  const int local_batches = c.num_clients * c.num_batches_per_client;
+  std::optional<LocalBaseline> baseline;
+  LocalResult local;
+  if (c.local) {
+    baseline.emplace(c);
+    baseline->run(local_batches / 2, local);
+  }
 
   Children children;
   // The server, timed from launch to its address (process start, libtorch, experts, listening).
@@ -755,8 +776,8 @@ int run_parent(const Config& c) {
     out["server_backward_max_batch"] = after.at("backward_max_rows");
   }
 
-  if (c.local) {
-    const auto local = run_local(c);
+  if (baseline) {
+    baseline->run(local_batches - local_batches / 2, local);
     std::vector<double> local_all = local.forward_us;
     local_all.insert(local_all.end(), local.backward_us.begin(), local.backward_us.end());
     const double local_samples_per_s = static_cast<double>(samples) / local.elapsed_s;

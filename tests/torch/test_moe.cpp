@@ -285,6 +285,23 @@ TEST_CASE("moe server: experts with several inputs and outputs, and the det_drop
   CHECK(x.grad()[1].abs().sum().item<double>() == 0);
 }
 
+TEST_CASE("moe server: the same server and client code over the emulated network") {
+  net::Runtime runtime;
+  auto network = net::SimNetwork::create(runtime.executor(), net::SimNetwork::Options().seed(7));
+  auto sim = [&] { return net::SimulatedOptions().network(network); };
+  Server<net::Simulated> server(moe::make_backends("ffn", {"expert.0", "expert.1"}, 8), local_server(), sim());
+  BasicDHT<net::Simulated> client(DHTOptions().client_mode(true).initial_peers({server.address()}), sim());
+  auto experts = moe::get_experts(client, {"expert.0", "expert.1"}, std::make_shared<moe::Client<net::Simulated>>(sim()));
+  REQUIRE(experts[0]);
+  REQUIRE(experts[1]);
+  CHECK(experts[0]->address().starts_with("sim-"));
+  auto x = at::randn({3, 8}).requires_grad_();
+  experts[1](experts[0](x)).sum().backward();
+  CHECK(x.grad().defined());
+  CHECK(server.backend("expert.0").updates() == 1);
+  CHECK_THROWS_AS((void)moe::get_experts(client, {"expert.0"}), InvalidArgument);  // no TCP default here
+}
+
 TEST_CASE("moe server: concurrent requests from many clients are batched together") {
   auto options = local_server();
   options.batching().min_batch_size(4).max_wait(Seconds(0.5));
