@@ -1,7 +1,8 @@
 // benchmark_throughput: hivemind's remote-experts throughput benchmark in C++. One server
 // process hosts the experts; separate client processes call them over loopback TCP, each
 // running its batches sequentially (forward, then backward when --backprop); the same batches
-// are then run in-process with no networking, which is the limit on this machine.
+// are also run in-process with no networking (half before the remote run, half after), which is
+// the limit on this machine.
 //
 //   benchmark_throughput [--preset default|ffn_forward|ffn_small_batch|nop|minimalistic|latency]
 //                        [--expert_cls ffn] [--num_experts N] [--hidden_dim H] [--num_clients C]
@@ -72,12 +73,12 @@ struct Preset {
 // batches of 2048 rows at h=1024: 4.2 M samples, over 40 minutes here). max_batch_size is
 // hivemind's default of 4 x batch_size unless hivemind sets it.
 constexpr Preset presets[] = {
-    {"default", "ffn", 16, 1024, 16, 8, 256, 1024, true, "ffn forward+backward"},
-    {"ffn_forward", "ffn", 16, 1024, 16, 24, 256, 1024, false, "ffn forward only"},
-    {"ffn_small_batch", "ffn", 4, 1024, 16, 128, 32, 8192, false, "ffn forward, small batches merged by the server"},
-    {"nop", "nop", 16, 64, 16, 1000, 16, 64, false, "expert returning its input: per-request overhead"},
-    {"minimalistic", "ffn", 2, 1024, 2, 32, 256, 1024, true, "2 experts, 2 clients, ffn forward+backward"},
-    {"latency", "ffn", 1, 512, 1, 1000, 3, 12, true, "1 client, sequential forward and backward calls of 3 rows"},
+    {"default", "ffn", 16, 1024, 16, 4, 256, 1024, true, "ffn forward+backward"},
+    {"ffn_forward", "ffn", 16, 1024, 16, 12, 256, 1024, false, "ffn forward only"},
+    {"ffn_small_batch", "ffn", 4, 1024, 16, 64, 32, 8192, false, "ffn forward, small batches merged by the server"},
+    {"nop", "nop", 16, 64, 16, 2000, 16, 64, false, "expert returning its input: per-request overhead"},
+    {"minimalistic", "ffn", 2, 1024, 2, 16, 256, 1024, true, "2 experts, 2 clients, ffn forward+backward"},
+    {"latency", "ffn", 1, 512, 1, 2000, 3, 12, true, "1 client, sequential forward and backward calls of 3 rows"},
 };
 
 struct Config {
@@ -106,8 +107,9 @@ void usage() {
       "One server process hosts --num_experts experts; --num_clients client processes each send\n"
       "--num_batches_per_client batches of --batch_size rows to experts picked at random, one call at a\n"
       "time (forward, then backward when --backprop 1). The server merges requests into batches of at\n"
-      "most --max_batch_size rows (default 4 x batch_size). The same batches then run in this process\n"
-      "without networking (--local 0 skips that). --port 0 picks a free port; --timeout bounds the run.\n"
+      "most --max_batch_size rows (default 4 x batch_size). The same batches also run in this process\n"
+      "without networking, half before and half after the remote run (--local 0 skips that).\n"
+      "--port 0 picks a free port; --timeout bounds the whole run.\n"
       "Flags given after or before --preset override the preset's values.\n"
       "\n"
       "presets (sized to take about a minute or less on 2 cores):\n"
@@ -195,6 +197,13 @@ std::vector<std::string> expert_uids(int n) {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// Context switches of this process so far (voluntary and involuntary, all threads).
+double context_switches() {
+  rusage r{};
+  getrusage(RUSAGE_SELF, &r);
+  return static_cast<double>(r.ru_nvcsw + r.ru_nivcsw);
+}
+
 double cpu_seconds() {
   rusage r{};
   getrusage(RUSAGE_SELF, &r);
@@ -230,6 +239,15 @@ int blas_threads() {
   using Get = int (*)();
   auto get = reinterpret_cast<Get>(::dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
   return get ? get() : 0;
+}
+
+// CPU seconds that the whole machine has spent busy (all processes, all cores), from /proc/stat.
+double machine_busy_seconds() {
+  std::ifstream stat("/proc/stat");
+  std::string cpu;
+  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  stat >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
+  return (user + nice + system + irq + softirq + steal) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
 double load_average() {
@@ -384,7 +402,7 @@ int run_client(const Config& c) {
 
   std::vector<double> forward_us, backward_us;
   forward_us.reserve(static_cast<std::size_t>(c.num_batches_per_client));
-  const double cpu0 = cpu_seconds();
+  const double cpu0 = cpu_seconds(), switches0 = context_switches();
   const auto t0 = Clock::now();
   for (int i = 0; i < c.num_batches_per_client; ++i) {
     auto [f, b] = step(experts[static_cast<std::size_t>(pick(rng))], inputs);
@@ -393,6 +411,7 @@ int run_client(const Config& c) {
   }
   print_line({{"elapsed_s", seconds_since(t0)},
               {"cpu_s", cpu_seconds() - cpu0},
+              {"context_switches", context_switches() - switches0},
               {"forward_us", forward_us},
               {"backward_us", backward_us}});
   return 0;
@@ -581,6 +600,7 @@ std::string self_exe() {
 
 struct LocalResult {
   double elapsed_s = 0;
+  double others_cpu_s = 0;  // CPU time of other processes on the machine meanwhile
   std::vector<double> forward_us, backward_us;
 };
 
@@ -601,6 +621,7 @@ class LocalBaseline {
 
   // Runs `batches` batches on experts picked at random, adding to `r`.
   void run(int batches, LocalResult& r) {
+    const double busy0 = machine_busy_seconds(), cpu0 = cpu_seconds();
     const auto t0 = Clock::now();
     for (int i = 0; i < batches; ++i) {
       auto [f, b] = step(backends_[static_cast<std::size_t>(pick_(rng_))]);
@@ -608,6 +629,7 @@ class LocalBaseline {
       if (c_.backprop) r.backward_us.push_back(b);
     }
     r.elapsed_s += seconds_since(t0);
+    r.others_cpu_s += std::max(0.0, machine_busy_seconds() - busy0 - (cpu_seconds() - cpu0));
   }
 
  private:
@@ -692,21 +714,24 @@ int run_parent(const Config& c) {
 
   write_line(*server, "stats");
   const auto before = nlohmann::json::parse(read_one_line_each({server}, deadline, "server stats").at(0));
+  const double machine0 = machine_busy_seconds(), parent0 = cpu_seconds();
   const auto t_go = Clock::now();
   for (auto* client : clients) write_line(*client, "go");
   const auto results = read_one_line_each(clients, deadline, "the clients' results");
   const double elapsed_s = seconds_since(t_go);
+  const double machine_s = machine_busy_seconds() - machine0, parent_s = cpu_seconds() - parent0;
   write_line(*server, "stats");
   const auto after = nlohmann::json::parse(read_one_line_each({server}, deadline, "server stats").at(0));
   write_line(*server, "quit");
 
   std::vector<double> forward_us, backward_us, all_us;
-  double client_cpu_s = 0, slowest_client_s = 0;
+  double client_cpu_s = 0, slowest_client_s = 0, client_switches = 0;
   for (const auto& line : results) {
     const auto j = nlohmann::json::parse(line);
     for (double v : j.at("forward_us")) forward_us.push_back(v);
     for (double v : j.at("backward_us")) backward_us.push_back(v);
     client_cpu_s += j.at("cpu_s").get<double>();
+    client_switches += j.at("context_switches").get<double>();
     slowest_client_s = std::max(slowest_client_s, j.at("elapsed_s").get<double>());
   }
   all_us = forward_us;
@@ -727,6 +752,8 @@ int run_parent(const Config& c) {
   const double busy_s = delta("busy_forward_s") + delta("busy_backward_s");
   const double server_cpu_s = delta("cpu_s");
   const double samples_per_s = static_cast<double>(samples) / elapsed_s;
+  // What other processes on the machine took meanwhile (the machine is shared with builds).
+  const double others_cpu_s = std::max(0.0, machine_s - parent_s - server_cpu_s - client_cpu_s);
 
   fmt::print("processed {} samples in {:.2f} s: {:.1f} samples/s ({}), {:.0f} calls/s, {:.1f} us per call\n", samples,
              elapsed_s, samples_per_s, c.backprop ? "forward+backward" : "forward", static_cast<double>(calls) / elapsed_s,
@@ -738,6 +765,10 @@ int run_parent(const Config& c) {
              "compute busy {:.1f}% of the run; cpu {:.2f} s server, {:.2f} s all clients\n",
              fwd_batches, fwd_rows_mean, after.at("forward_max_rows").get<std::uint64_t>(), bwd_batches, bwd_rows_mean,
              after.at("backward_max_rows").get<std::uint64_t>(), 100 * busy_s / elapsed_s, server_cpu_s, client_cpu_s);
+  fmt::print("per call: {:.1f} us cpu in the server, {:.1f} us cpu and {:.1f} context switches in the client\n",
+             1e6 * server_cpu_s / static_cast<double>(calls), 1e6 * client_cpu_s / static_cast<double>(calls),
+             client_switches / static_cast<double>(calls));
+  fmt::print("other processes on the machine meanwhile: {:.2f} cores busy on average\n", others_cpu_s / elapsed_s);
   std::fflush(stdout);
 
   nlohmann::json out = {{"bench", "throughput"},
@@ -765,7 +796,9 @@ int run_parent(const Config& c) {
                         {"server_busy_fraction", busy_s / elapsed_s},
                         {"server_cpu_s", server_cpu_s},
                         {"client_cpu_s", client_cpu_s},
+                        {"client_switches_per_call", client_switches / static_cast<double>(calls)},
                         {"slowest_client_s", slowest_client_s},
+                        {"others_cores", others_cpu_s / elapsed_s},
                         {"blas", blas},
                         {"torch_threads", hello.at("torch_threads")},
                         {"blas_threads", hello.at("blas_threads")},
@@ -781,16 +814,24 @@ int run_parent(const Config& c) {
     std::vector<double> local_all = local.forward_us;
     local_all.insert(local_all.end(), local.backward_us.begin(), local.backward_us.end());
     const double local_samples_per_s = static_cast<double>(samples) / local.elapsed_s;
-    fmt::print("local (same batches in this process, no networking): {:.2f} s, {:.1f} samples/s, call p50 {:.2f} ms; "
-               "ratio to local {:.3f}\n",
-               local.elapsed_s, local_samples_per_s, percentile(local_all, 0.5) / 1e3, samples_per_s / local_samples_per_s);
+    fmt::print("local (same batches in this process, no networking): {:.2f} s, {:.1f} samples/s, call p50 {:.2f} ms "
+               "(forward p50 {:.2f} ms{}); other processes {:.2f} cores\n",
+               local.elapsed_s, local_samples_per_s, percentile(local_all, 0.5) / 1e3,
+               percentile(local.forward_us, 0.5) / 1e3,
+               c.backprop ? fmt::format(", backward p50 {:.2f} ms", percentile(local.backward_us, 0.5) / 1e3) : "",
+               local.others_cpu_s / local.elapsed_s);
+    fmt::print("ratio to local {:.3f}\n", samples_per_s / local_samples_per_s);
     out["local_elapsed_s"] = local.elapsed_s;
     out["local_samples_per_s"] = local_samples_per_s;
     out["ratio_to_local"] = samples_per_s / local_samples_per_s;
     out["local_p50_ms"] = percentile(local_all, 0.5) / 1e3;
     out["local_p99_ms"] = percentile(local_all, 0.99) / 1e3;
+    out["local_forward_p50_ms"] = percentile(local.forward_us, 0.5) / 1e3;
+    if (c.backprop) out["local_backward_p50_ms"] = percentile(local.backward_us, 0.5) / 1e3;
     out["local_us_per_call"] = 1e6 * local.elapsed_s / static_cast<double>(calls);
+    out["local_others_cores"] = local.others_cpu_s / local.elapsed_s;
   }
+  out["loadavg_1m_end"] = load_average();
   out["total_s"] = seconds_since(started);
   out["clean_exit"] = clean;
   fmt::print("{}\n", out.dump());

@@ -31,6 +31,7 @@
 
 #include <hive/moe/backend.hpp>
 #include <hive/moe/experts.hpp>
+#include <hive/moe/mixture.hpp>
 #include <hive/moe/remote_expert.hpp>
 #include <hive/moe/scheduler.hpp>
 #include <hive/moe/schema.hpp>

@@ -7,6 +7,10 @@
 
 #include <algorithm>
 #include <charconv>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <span>
 #include <optional>
 #include <random>
 #include <map>
@@ -196,5 +200,220 @@ std::vector<std::optional<std::string>> get_experts(BasicDHT<T, R>& dht, const s
   }
   return out;
 }
+
+/// An expert found by beam search: its uid, where it is served, its grid coordinates and its
+/// score (the sum of the per-dimension scores of its coordinates).
+struct FoundExpert {
+  /// The expert's uid ("expert.3.1").
+  std::string uid;
+  /// The address serving it.
+  std::string address;
+  /// Its grid coordinates.
+  std::vector<std::int64_t> coords;
+  /// Sum over dimensions of the score of its coordinate.
+  double score = 0;
+};
+
+/// Run-time knobs of ExpertDirectory.
+struct ExpertDirectoryOptions {
+  /// A prefix's children, once fetched, are reused for this long.
+  HIVE_ARG(Seconds, cache_period, Seconds(5));
+  /// A prefix found empty (no alive expert under it) is not looked up again for this long.
+  HIVE_ARG(Seconds, negative_cache_period, Seconds(30));
+  /// An expert reported as failed (report_failure) is left out of searches for this long.
+  HIVE_ARG(Seconds, failure_ban_period, Seconds(30));
+  HIVE_OPTIONS_JSON(ExpertDirectoryOptions, cache_period, negative_cache_period, failure_ban_period)
+};
+
+/// Finds the best alive experts of a grid by beam search over the DHT's prefix dictionaries
+/// (see expert_records): for each sample, level by level, it keeps the `beam_size` best
+/// prefixes that have alive experts under them, scoring a prefix by the sum of its
+/// coordinates' scores, and returns the `k_best` best complete experts.
+///
+/// With every expert of the grid alive, the result is exactly the top k_best (scores add up
+/// per dimension, so the best completion of every prefix is the same). With holes in the grid,
+/// a wider beam trades lookups for exactness.
+///
+/// Lookups are shared by the samples of a batch (one DHT get per distinct prefix), reused
+/// for cache_period, and empty prefixes are remembered for negative_cache_period.
+///
+/// @par Thread safety
+/// find_best() may be called from several threads; it blocks on DHT lookups, so not from a
+/// DHT io thread.
+class ExpertDirectory {
+ public:
+  /// Looks keys up; returns one record (or nullopt) per key, in order.
+  using Fetch = std::function<std::vector<std::optional<DHTRecord>>(const std::vector<std::string>& keys)>;
+
+  /// A directory of grid `grid` under `uid_prefix` ("expert"), reading the DHT through `fetch`.
+  ExpertDirectory(Fetch fetch, std::string uid_prefix, std::vector<std::int64_t> grid, ExpertDirectoryOptions options = {})
+      : fetch_(std::move(fetch)), prefix_(std::move(uid_prefix)), grid_(std::move(grid)), options_(std::move(options)) {
+    HIVE_CHECK(fetch_, "an ExpertDirectory needs a fetch function");
+    HIVE_CHECK(!prefix_.empty() && prefix_.find(uid_delimiter) == std::string::npos,
+               "uid_prefix '{}' must be non-empty and contain no '{}'", prefix_, uid_delimiter);
+    HIVE_CHECK(!grid_.empty(), "the grid needs at least one dimension");
+    for (auto g : grid_) HIVE_CHECK(g > 0, "grid sizes must be positive, got {}", g);
+  }
+
+  /// A directory reading `dht` (which must outlive it).
+  template <net::Transport T, Routing R>
+  static std::shared_ptr<ExpertDirectory> over(BasicDHT<T, R>& dht, std::string uid_prefix, std::vector<std::int64_t> grid,
+                                               ExpertDirectoryOptions options = {}) {
+    auto fetch = [&dht](const std::vector<std::string>& keys) {
+      std::vector<std::future<std::optional<DHTRecord>>> pending;
+      pending.reserve(keys.size());
+      for (const auto& key : keys) pending.push_back(dht.get_async(key));
+      std::vector<std::optional<DHTRecord>> out;
+      out.reserve(keys.size());
+      for (auto& f : pending) out.push_back(f.get());
+      return out;
+    };
+    return std::make_shared<ExpertDirectory>(std::move(fetch), std::move(uid_prefix), std::move(grid), std::move(options));
+  }
+
+  /// The grid.
+  [[nodiscard]] const std::vector<std::int64_t>& grid() const noexcept { return grid_; }
+  /// The uid prefix.
+  [[nodiscard]] const std::string& uid_prefix() const noexcept { return prefix_; }
+  /// DHT lookups made so far (cache misses).
+  [[nodiscard]] std::size_t lookups() const {
+    std::lock_guard lock(mutex_);
+    return lookups_;
+  }
+
+  /// For each of `batch` samples, the (up to) `k_best` best alive experts, best first.
+  /// `scores` holds batch rows of sum(grid) values: the scores of dimension 0's coordinates,
+  /// then dimension 1's, and so on. `beam_size` 0 means k_best.
+  std::vector<std::vector<FoundExpert>> find_best(std::span<const float> scores, std::size_t batch, std::size_t k_best,
+                                                  std::size_t beam_size = 0) {
+    std::size_t width = 0;
+    for (auto g : grid_) width += static_cast<std::size_t>(g);
+    HIVE_CHECK(scores.size() == batch * width, "find_best: {} scores for {} samples of {} each", scores.size(), batch, width);
+    HIVE_CHECK(k_best >= 1, "k_best must be at least 1");
+    if (beam_size == 0) beam_size = k_best;
+    HIVE_CHECK(beam_size >= k_best, "beam_size {} must be at least k_best {}", beam_size, k_best);
+
+    struct Beam {
+      double score;
+      std::vector<std::int64_t> coords;
+      std::string uid, address;
+    };
+    std::vector<std::vector<Beam>> beams(batch, std::vector<Beam>{Beam{0.0, {}, {}, {}}});
+    std::size_t offset = 0;
+    for (std::size_t d = 0; d < grid_.size(); ++d) {
+      std::vector<std::string> keys;
+      for (const auto& sample : beams)
+        for (const auto& beam : sample) keys.push_back(key_of(beam.coords));
+      std::sort(keys.begin(), keys.end());
+      keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+      auto children = children_of(keys, d);
+      const bool last = d + 1 == grid_.size();
+      const std::size_t keep = last ? k_best : beam_size;
+      for (std::size_t b = 0; b < batch; ++b) {
+        const float* row = scores.data() + b * width + offset;
+        std::vector<Beam> next;
+        for (const auto& beam : beams[b]) {
+          const auto& kids = children.at(key_of(beam.coords));
+          for (const auto& [c, entry] : kids) {
+            if (last && is_banned(entry.first)) continue;
+            Beam child{beam.score + static_cast<double>(row[c]), beam.coords, entry.first, entry.second};
+            child.coords.push_back(c);
+            next.push_back(std::move(child));
+          }
+        }
+        const auto n = std::min(keep, next.size());
+        std::partial_sort(next.begin(), next.begin() + static_cast<std::ptrdiff_t>(n), next.end(), [](const Beam& x, const Beam& y) {
+          return x.score != y.score ? x.score > y.score : x.coords < y.coords;
+        });
+        next.resize(n);
+        beams[b] = std::move(next);
+      }
+      offset += static_cast<std::size_t>(grid_[d]);
+    }
+    std::vector<std::vector<FoundExpert>> out(batch);
+    for (std::size_t b = 0; b < batch; ++b)
+      for (auto& beam : beams[b]) out[b].push_back({std::move(beam.uid), std::move(beam.address), std::move(beam.coords), beam.score});
+    return out;
+  }
+
+  /// Forgets what is cached about the prefixes (the next search looks everything up again)
+  /// and the failures reported.
+  void clear_cache() {
+    std::lock_guard lock(mutex_);
+    cache_.clear();
+    banned_.clear();
+  }
+
+  /// Leaves expert `uid` out of searches for failure_ban_period (it failed or timed out), so
+  /// that a dead server's experts stop being chosen before their DHT records expire.
+  void report_failure(const std::string& uid) {
+    std::lock_guard lock(mutex_);
+    banned_[uid] = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(options_.failure_ban_period());
+  }
+  /// True while `uid` is left out after a failure.
+  [[nodiscard]] bool is_banned(const std::string& uid) const {
+    std::lock_guard lock(mutex_);
+    auto it = banned_.find(uid);
+    return it != banned_.end() && it->second > SteadyClock::now();
+  }
+
+ private:
+  /// coordinate → (uid, address) of an alive expert under prefix.coordinate.
+  using Children = std::map<std::int64_t, std::pair<std::string, std::string>>;
+  struct Cached {
+    Children children;
+    SteadyClock::time_point until;
+  };
+
+  [[nodiscard]] std::string key_of(const std::vector<std::int64_t>& coords) const {
+    std::string key = prefix_ + uid_delimiter;
+    for (auto c : coords) key += std::to_string(c) + uid_delimiter;
+    return key;
+  }
+
+  // The children of each key (all of depth `d`), from the cache or one batch of lookups.
+  std::map<std::string, Children> children_of(const std::vector<std::string>& keys, std::size_t d) {
+    std::map<std::string, Children> out;
+    std::vector<std::string> missing;
+    const auto now = SteadyClock::now();
+    {
+      std::lock_guard lock(mutex_);
+      for (const auto& key : keys) {
+        auto it = cache_.find(key);
+        if (it != cache_.end() && it->second.until > now) out[key] = it->second.children;
+        else missing.push_back(key);
+      }
+      lookups_ += missing.size();
+    }
+    if (missing.empty()) return out;
+    auto records = fetch_(missing);
+    std::lock_guard lock(mutex_);
+    for (std::size_t i = 0; i < missing.size(); ++i) {
+      Children kids;
+      if (i < records.size() && records[i] && records[i]->is_dictionary()) {
+        for (const auto& [subkey, v] : records[i]->dictionary) {
+          const auto* c = std::get_if<std::int64_t>(&subkey);
+          if (!c || *c < 0 || *c >= grid_[d]) continue;
+          const auto& entry = v.value;
+          if (!entry.is_array() || entry.size() != 2 || !entry[0].is_string() || !entry[1].is_string()) continue;
+          kids.emplace(*c, std::make_pair(entry[0].get<std::string>(), entry[1].get<std::string>()));
+        }
+      }
+      const auto ttl = kids.empty() ? options_.negative_cache_period() : options_.cache_period();
+      cache_[missing[i]] = Cached{kids, now + std::chrono::duration_cast<SteadyClock::duration>(ttl)};
+      out[missing[i]] = std::move(kids);
+    }
+    return out;
+  }
+
+  Fetch fetch_;
+  std::string prefix_;
+  std::vector<std::int64_t> grid_;
+  ExpertDirectoryOptions options_;
+  mutable std::mutex mutex_;
+  std::map<std::string, Cached> cache_;
+  std::map<std::string, SteadyClock::time_point> banned_;
+  std::size_t lookups_ = 0;
+};
 
 }  // namespace hive::dht

@@ -13,6 +13,8 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
+#include <exception>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -34,14 +36,30 @@ struct RemoteExpertOptions {
   HIVE_OPTIONS_JSON(RemoteExpertOptions, forward_timeout, backward_timeout, compression)
 };
 
-/// How remote experts reach their servers: a call by address and method returning a future.
-/// Implemented by Client<T>; a test may supply its own.
+/// How remote experts reach their servers: a call by address and method. Implemented by
+/// Client<T>; a test may supply its own.
 class ExpertClient {
  public:
+  /// Receives the reply, or the failure (hive::Error, hive::RemoteError) as an exception.
+  using Callback = std::function<void(std::exception_ptr, Message)>;
+
   virtual ~ExpertClient() = default;
+
+  /// Sends `request` to `method` at `address`; `done` runs once, on one of the client's io
+  /// threads (keep it short), with the reply or the failure.
+  virtual void call_async(const std::string& address, std::string_view method, Message request, Seconds timeout,
+                          Callback done) = 0;
+
   /// Sends `request` to `method` at `address`; the future throws hive::Error / RemoteError.
-  virtual std::future<Message> call(const std::string& address, std::string_view method, Message request,
-                                    Seconds timeout) = 0;
+  std::future<Message> call(const std::string& address, std::string_view method, Message request, Seconds timeout) {
+    auto promise = std::make_shared<std::promise<Message>>();
+    auto future = promise->get_future();
+    call_async(address, method, std::move(request), timeout, [promise](std::exception_ptr error, Message reply) {
+      if (error) promise->set_exception(error);
+      else promise->set_value(std::move(reply));
+    });
+    return future;
+  }
 };
 
 /// An ExpertClient over transport T with its own io runtime (connections are kept open and
@@ -64,10 +82,11 @@ class Client final : public ExpertClient {
     runtime_.stop();
   }
 
-  /// Sends `request` to `method` at `address`.
-  std::future<Message> call(const std::string& address, std::string_view method, Message request,
-                            Seconds timeout) override {
-    return rpc_->async_call(address, std::string(method), std::move(request), timeout, asio::use_future);
+  /// Sends `request` to `method` at `address`; `done` runs on this client's io thread.
+  void call_async(const std::string& address, std::string_view method, Message request, Seconds timeout,
+                  Callback done) override {
+    rpc_->async_call(address, std::string(method), std::move(request), timeout,
+                     [done = std::move(done)](std::exception_ptr error, Message reply) { done(error, std::move(reply)); });
   }
   /// The RPC peer.
   [[nodiscard]] const std::shared_ptr<net::Rpc<T>>& rpc() const noexcept { return rpc_; }
@@ -85,6 +104,16 @@ inline std::shared_ptr<ExpertClient> default_client() {
 
 namespace detail {
 
+/// The request of a forward or backward call to expert `uid`: its tensors, compressed with
+/// `compression`, which the server is asked to use for its reply too.
+inline Message expert_request(const std::string& uid, const std::vector<at::Tensor>& tensors, Compression compression) {
+  Message m;
+  m.header = {{"uid", uid}};
+  if (compression != Compression::none) m.header["compression"] = compression;
+  add_tensors(m, tensors, compression);
+  return m;
+}
+
 /// What a remote call needs, shared by a RemoteExpert, its clones and the autograd nodes of
 /// its calls (which may outlive the module).
 struct ExpertCall : torch::CustomClassHolder {
@@ -96,11 +125,7 @@ struct ExpertCall : torch::CustomClassHolder {
   std::optional<nlohmann::json> info;
 
   [[nodiscard]] Message request(const std::vector<at::Tensor>& tensors) const {
-    Message m;
-    m.header = {{"uid", uid}};
-    if (options.compression() != Compression::none) m.header["compression"] = options.compression();
-    add_tensors(m, tensors, options.compression());
-    return m;
+    return expert_request(uid, tensors, options.compression());
   }
 
   std::vector<at::Tensor> call(std::string_view method, const std::vector<at::Tensor>& tensors, Seconds timeout) {

@@ -116,10 +116,10 @@ class Server {
     }
     if (!options_.checkpoint_dir().empty())
       for (auto& b : backends_) b.load(options_.checkpoint_dir());
+    HIVE_CHECK(!options_.dht().client_mode(), "a server must accept connections: dht.client_mode must be false");
     scheduler_.start();
     try {
       dht_ = std::make_unique<dht_type>(options_.dht(), std::move(transport_options));
-      HIVE_CHECK(!options_.dht().client_mode(), "a server must accept connections: dht.client_mode must be false");
       limits_ = dht_->node()->rpc()->transport().limits();
       serve();
       declare();
