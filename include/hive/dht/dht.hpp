@@ -104,7 +104,10 @@ class BasicDHT {
   /// Stops serving and joins the runtime; idempotent.
   void shutdown() {
     if (!node_) return;
-    node_->close();
+    // Close on the peer's strand and wait for it: stopping the runtime first would leave the
+    // listening socket open (accepting connections nobody serves) until this object dies.
+    auto node = node_;
+    hive::detail::run_blocking_on(node->rpc()->get_executor(), [&] { node->close(); });
     node_.reset();
     runtime_.stop();
   }
