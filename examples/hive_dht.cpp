@@ -6,12 +6,13 @@
 
 #include <hive/dht/dht.hpp>
 
+#include "common/cli.hpp"
+
 #include <asio/signal_set.hpp>
 
 #include <fmt/format.h>
 
 #include <csignal>
-#include <fstream>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -33,13 +34,7 @@ options:
   --help                     this text
 )";
 
-std::vector<std::string> split_commas(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string part; std::getline(in, part, ',');)
-    if (!part.empty()) out.push_back(part);
-  return out;
-}
+using hive::examples::split_commas;
 
 }  // namespace
 
@@ -56,11 +51,7 @@ int main(int argc, char** argv) try {
       std::cout << usage;
       return 0;
     } else if (flag == "--config") {
-      std::ifstream file(value());
-      if (!file) throw hive::InvalidArgument("cannot read the --config file");
-      std::stringstream text;
-      text << file.rdbuf();
-      options = hive::DHTOptions::from_json_text(text.str());
+      options = hive::DHTOptions::from_json_text(hive::examples::read_text_file(value()));
     } else if (flag == "--listen_on") {
       options.listen_on(value());
     } else if (flag == "--initial_peers") {

@@ -6,13 +6,14 @@
 
 #include <hive/moe/server.hpp>
 
+#include "common/cli.hpp"
+
 #include <asio/signal_set.hpp>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <csignal>
-#include <fstream>
 #include <iostream>
 #include <optional>
 #include <random>
@@ -59,13 +60,7 @@ training:
   --help                     this text
 )";
 
-std::vector<std::string> split_commas(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string part; std::getline(in, part, ',');)
-    if (!part.empty()) out.push_back(part);
-  return out;
-}
+using hive::examples::split_commas;
 
 }  // namespace
 
@@ -89,11 +84,7 @@ int main(int argc, char** argv) try {
       std::cout << usage;
       return 0;
     } else if (flag == "--config") {
-      std::ifstream file(value());
-      if (!file) throw hive::InvalidArgument("cannot read the --config file");
-      std::stringstream text;
-      text << file.rdbuf();
-      options = hive::ServerOptions::from_json_text(text.str());
+      options = hive::ServerOptions::from_json_text(hive::examples::read_text_file(value()));
     } else if (flag == "--expert_cls") {
       expert_cls = value();
     } else if (flag == "--hidden_dim") {
