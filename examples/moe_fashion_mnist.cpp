@@ -157,8 +157,7 @@ int main(int argc, char** argv) try {
     torch::NoGradGuard no_grad;
     if (use_switch) switch_mixture->eval();
     else mixture->eval();
-    // In batches: one call carries all the rows routed to an expert, and a server refuses a
-    // call of more rows than its max_batch_size.
+    // In batches, to bound memory (calls are split at max_rows_per_call anyway).
     std::int64_t correct = 0;
     std::size_t live = 0;
     for (std::int64_t at = 0; at < test.images.size(0); at += 1000) {

@@ -269,6 +269,15 @@ TEST_CASE("moe mixture: one batched call per expert, a stalled expert is left ou
   y.sum().backward();
   CHECK(good.backend("expert.0").updates() == 1);
   CHECK(slow.backend("expert.1").updates() == 1);
+  // More rows than max_rows_per_call: several calls to the same expert, same result.
+  moe::RemoteMixtureOfExperts chunked(
+      moe::MixtureOptions(8, "expert", {2}).k_best(2).max_rows_per_call(10).forward_timeout(Seconds(20)), client);
+  chunked->gate->weight.data().copy_(mixture->gate->weight.data());
+  chunked->gate->bias.data().copy_(mixture->gate->bias.data());
+  auto x3 = at::randn({25, 8});
+  CHECK(at::allclose(chunked(x3), mixture(x3), 1e-5, 1e-5));
+  CHECK(chunked->last_stats().experts_answered == 2);
+  CHECK(good.scheduler().stats()[0].rows == 32 + 25 + 25);
 
   // expert.1 stalls: the layer answers with expert.0 alone, after about timeout_after_k_min.
   {

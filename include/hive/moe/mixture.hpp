@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -56,13 +57,16 @@ struct MixtureOptions {
   HIVE_ARG(bool, allow_zero_outputs, false);
   /// Treat non-finite outputs and gradients from an expert as a failure of that expert.
   HIVE_ARG(bool, detect_anomalies, false);
+  /// Most rows in one call; an expert chosen by more samples gets several calls. Keep it at
+  /// most the servers' max_batch_size (4096 by default), which refuses bigger requests.
+  HIVE_ARG(std::int64_t, max_rows_per_call, 4096);
   /// Compression of the tensors sent to experts and of their replies.
   HIVE_ARG(Compression, compression, Compression::none);
   /// Caching of the DHT's prefix dictionaries.
   HIVE_ARG(dht::ExpertDirectoryOptions, directory, dht::ExpertDirectoryOptions{});
   HIVE_OPTIONS_JSON(MixtureOptions, in_features, out_features, uid_prefix, grid, k_best, beam_size, k_min, forward_timeout,
                     timeout_after_k_min, backward_k_min, backward_timeout, allow_zero_outputs, detect_anomalies,
-                    compression, directory)
+                    max_rows_per_call, compression, directory)
 
 
  public:
@@ -76,7 +80,8 @@ struct MixtureStats {
   std::size_t experts_found = 0;
   /// Distinct experts that answered in time.
   std::size_t experts_answered = 0;
-  /// Calls that failed or came too late.
+  /// Calls that failed or came too late (an expert with more rows than max_rows_per_call gets
+  /// several calls).
   std::size_t calls_failed = 0;
   /// Last failure messages (a few).
   std::vector<std::string> errors;
@@ -201,11 +206,14 @@ struct DispatchCall : torch::autograd::Function<DispatchCall> {
         continue;
       }
       g.answered = true;
-      d->stats.experts_answered++;
       auto rows = at::tensor(g.rows, at::kLong), slots = at::tensor(g.slots, at::kLong);
       outputs.index_put_({rows, slots}, results[i]->front().to(x.scalar_type()));
       mask.index_put_({rows, slots}, true);
     }
+    std::set<std::string> answered_uids;
+    for (const auto& g : d->groups)
+      if (g.answered) answered_uids.insert(g.uid);
+    d->stats.experts_answered = answered_uids.size();
     if (!o.allow_zero_outputs()) {
       auto answered = mask.any(1);
       if (!answered.all().item<bool>()) {
@@ -272,6 +280,7 @@ class MixtureCore {
     HIVE_CHECK(options_.k_best() >= 1 && options_.k_min() >= 1 && options_.backward_k_min() >= 1,
                "k_best, k_min and backward_k_min must be at least 1");
     HIVE_CHECK(options_.beam_size() == 0 || options_.beam_size() >= options_.k_best(), "beam_size must be 0 or >= k_best");
+    HIVE_CHECK(options_.max_rows_per_call() >= 1, "max_rows_per_call must be at least 1");
     HIVE_CHECK(directory_ && directory_->grid() == options_.grid(), "the directory must cover the mixture's grid");
     for (auto g : options_.grid()) width_ += g;
   }
@@ -316,6 +325,10 @@ class MixtureCore {
       for (std::size_t j = 0; j < experts.size(); ++j) {
         const auto& e = experts[j];
         auto [it, added] = group_of.try_emplace(e.uid, d->groups.size());
+        if (!added && static_cast<std::int64_t>(d->groups[it->second].rows.size()) >= options_.max_rows_per_call()) {
+          it->second = d->groups.size();  // this expert's call is full: start another
+          added = true;
+        }
         if (added) d->groups.push_back({e.uid, e.address, {}, {}, false});
         d->groups[it->second].rows.push_back(b);
         d->groups[it->second].slots.push_back(static_cast<std::int64_t>(j));
@@ -326,7 +339,7 @@ class MixtureCore {
         }
       }
     }
-    d->stats.experts_found = d->groups.size();
+    d->stats.experts_found = group_of.size();
     if (d->groups.empty() && !options_.allow_zero_outputs())
       throw Error(errc::remote_error, fmt::format("no alive experts found under '{}.' in the DHT", options_.uid_prefix()));
     torch::autograd::variable_list out;
