@@ -794,6 +794,7 @@ int run_parent(const Config& c) {
                         {"server_forward_mean_batch", fwd_rows_mean},
                         {"server_forward_max_batch", after.at("forward_max_rows")},
                         {"server_busy_fraction", busy_s / elapsed_s},
+                        {"server_compute_s", busy_s},
                         {"server_cpu_s", server_cpu_s},
                         {"client_cpu_s", client_cpu_s},
                         {"client_switches_per_call", client_switches / static_cast<double>(calls)},
@@ -815,11 +816,11 @@ int run_parent(const Config& c) {
     local_all.insert(local_all.end(), local.backward_us.begin(), local.backward_us.end());
     const double local_samples_per_s = static_cast<double>(samples) / local.elapsed_s;
     fmt::print("local (same batches in this process, no networking): {:.2f} s, {:.1f} samples/s, call p50 {:.2f} ms "
-               "(forward p50 {:.2f} ms{}); other processes {:.2f} cores\n",
+               "(forward p50 {:.2f} ms{}){}\n",
                local.elapsed_s, local_samples_per_s, percentile(local_all, 0.5) / 1e3,
                percentile(local.forward_us, 0.5) / 1e3,
                c.backprop ? fmt::format(", backward p50 {:.2f} ms", percentile(local.backward_us, 0.5) / 1e3) : "",
-               local.others_cpu_s / local.elapsed_s);
+               local.elapsed_s >= 1 ? fmt::format("; other processes {:.2f} cores", local.others_cpu_s / local.elapsed_s) : "");
     fmt::print("ratio to local {:.3f}\n", samples_per_s / local_samples_per_s);
     out["local_elapsed_s"] = local.elapsed_s;
     out["local_samples_per_s"] = local_samples_per_s;
@@ -829,7 +830,8 @@ int run_parent(const Config& c) {
     out["local_forward_p50_ms"] = percentile(local.forward_us, 0.5) / 1e3;
     if (c.backprop) out["local_backward_p50_ms"] = percentile(local.backward_us, 0.5) / 1e3;
     out["local_us_per_call"] = 1e6 * local.elapsed_s / static_cast<double>(calls);
-    out["local_others_cores"] = local.others_cpu_s / local.elapsed_s;
+    // /proc/stat counts in 10 ms ticks: too coarse for a run shorter than a second.
+    if (local.elapsed_s >= 1) out["local_others_cores"] = local.others_cpu_s / local.elapsed_s;
   }
   out["loadavg_1m_end"] = load_average();
   out["total_s"] = seconds_since(started);

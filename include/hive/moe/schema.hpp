@@ -5,6 +5,8 @@
 
 #include <hive/core/tensor_codec.hpp>
 
+#include <ATen/ops/zeros.h>
+
 #include <fmt/ranges.h>
 
 #include <cstdint>
