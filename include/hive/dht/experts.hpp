@@ -262,7 +262,9 @@ class ExpertDirectory {
     auto fetch = [&dht](const std::vector<std::string>& keys) {
       std::vector<std::future<std::optional<DHTRecord>>> pending;
       pending.reserve(keys.size());
-      for (const auto& key : keys) pending.push_back(dht.get_async(key));
+      // latest: ask every nearest replica and merge their dictionaries. Each server adds its
+      // own subkeys, and a replica that joined late may hold only some of them.
+      for (const auto& key : keys) pending.push_back(dht.get_async(key, /*latest=*/true));
       std::vector<std::optional<DHTRecord>> out;
       out.reserve(keys.size());
       for (auto& f : pending) out.push_back(f.get());
