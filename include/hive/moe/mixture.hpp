@@ -105,10 +105,10 @@ struct Dispatch : torch::CustomClassHolder {
   MixtureStats stats;
 };
 
-/// Runs one call per group in parallel and waits as the mixture's fault tolerance says:
-/// until `need` answers per row (or all calls end, or `timeout`), then at most
-/// `grace` longer for the rest. Returns per group its tensors, or nullopt for a failure or a
-/// late answer. `rows_of(g)` lists the rows a group serves.
+/// Runs one call per group listed in `which` (with `requests[i]` for `which[i]`) in parallel
+/// and waits as the mixture's fault tolerance says: until `need` answers per row (or all calls
+/// end, or `timeout`), then at most `grace` longer for the rest. Returns, per listed group,
+/// its tensors, or nullopt for a failure or a late answer; appends failures to `errors`.
 inline std::vector<std::optional<std::vector<at::Tensor>>> call_groups(
     Dispatch& d, std::string_view method, const std::vector<std::size_t>& which, std::vector<Message> requests,
     std::int64_t need, Seconds timeout, Seconds grace, std::vector<std::string>& errors) {
@@ -152,16 +152,18 @@ inline std::vector<std::optional<std::vector<at::Tensor>>> call_groups(
                            shared->cv.notify_all();
                          });
   }
-  // Rows and how many of their calls succeeded so far.
+  // Answers each row needs: `need`, or fewer when fewer calls carry the row.
+  std::vector<std::int64_t> wanted(static_cast<std::size_t>(d.batch), 0);
+  for (auto g : which)
+    for (auto r : d.groups[g].rows) wanted[static_cast<std::size_t>(r)]++;
+  for (auto& w : wanted) w = std::min(need, w);
   auto satisfied = [&] {
-    std::vector<std::int64_t> answers(static_cast<std::size_t>(d.batch), 0), expected(static_cast<std::size_t>(d.batch), 0);
+    std::vector<std::int64_t> answers(static_cast<std::size_t>(d.batch), 0);
     for (std::size_t i = 0; i < which.size(); ++i)
-      for (auto r : d.groups[which[i]].rows) {
-        expected[static_cast<std::size_t>(r)]++;
-        if (shared->results[i]) answers[static_cast<std::size_t>(r)]++;
-      }
+      if (shared->results[i])
+        for (auto r : d.groups[which[i]].rows) answers[static_cast<std::size_t>(r)]++;
     for (std::size_t r = 0; r < answers.size(); ++r)
-      if (answers[r] < std::min(need, expected[r])) return false;
+      if (answers[r] < wanted[r]) return false;
     return true;
   };
   std::unique_lock lock(shared->mutex);
