@@ -36,3 +36,11 @@
 #include <hive/moe/scheduler.hpp>
 #include <hive/moe/schema.hpp>
 #include <hive/moe/server.hpp>
+
+#include <hive/averaging/averager.hpp>
+#include <hive/averaging/butterfly.hpp>
+#include <hive/averaging/group.hpp>
+
+#include <hive/optim/decentralized.hpp>
+
+#include <hive/trainer.hpp>

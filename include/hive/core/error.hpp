@@ -27,6 +27,7 @@ enum class errc {
   remote_error,         ///< the remote handler failed; see RemoteError for its message
   shutdown,             ///< the component is stopping or stopped
   invalid_argument,     ///< the caller passed a value outside the documented domain
+  round_failed,         ///< a group operation (an averaging round) failed on another member
 };
 }  // namespace hive
 
@@ -56,6 +57,7 @@ class ErrorCategory final : public std::error_category {
       case errc::remote_error: return "remote error";
       case errc::shutdown: return "shut down";
       case errc::invalid_argument: return "invalid argument";
+      case errc::round_failed: return "averaging round failed";
     }
     return "unknown hive error";
   }

@@ -1,0 +1,723 @@
+#pragma once
+/// @file
+/// DecentralizedAverager: peers meet in small groups through the DHT and average their tensors
+/// with an all-reduce Strategy; a peer may also share its state with newcomers.
+
+#include <hive/averaging/butterfly.hpp>
+#include <hive/averaging/group.hpp>
+#include <hive/core/log.hpp>
+#include <hive/dht/dht.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace hive::averaging {
+
+/// Method a peer calls on a group leader to join its group (a long call: the reply comes when
+/// the group forms or the leader gives up).
+inline constexpr std::string_view join_method = "avg.join";
+/// Method that downloads a part of a peer's shared state.
+inline constexpr std::string_view state_method = "avg.state";
+
+/// Run-time knobs of a DecentralizedAverager.
+struct AveragerOptions {
+  /// Name of the run: only peers with the same prefix (and tensor shapes) average together.
+  HIVE_ARG(std::string, prefix, "");
+  /// A leader starts the round as soon as its group has this many members.
+  HIVE_ARG(std::size_t, target_group_size, 16);
+  /// A leader whose matchmaking time ran out starts the round with at least this many
+  /// members (itself included); with fewer, the step fails and nothing changes.
+  HIVE_ARG(std::size_t, min_group_size, 2);
+  /// Initial group bits ('0'/'1' string): peers meet under `prefix.0b<bits>`; after each round
+  /// the bits take the peer's index in its group, so consecutive rounds mix different peers.
+  HIVE_ARG(std::string, initial_group_bits, "");
+  /// How long one step looks for a group before it gives up (or, as a leader, starts the
+  /// round with the members it has).
+  HIVE_ARG(Seconds, matchmaking_time, Seconds(5));
+  /// Extra time a join request may take beyond the leader's matchmaking deadline, and how long
+  /// a chunk waits for its round to be known here.
+  HIVE_ARG(Seconds, request_timeout, Seconds(3));
+  /// Bound on one all-reduce.
+  HIVE_ARG(Seconds, allreduce_timeout, Seconds(60));
+  /// How long a reducer waits for a missing member's chunk after the chunk's first arrival;
+  /// then it averages the members that sent it.
+  HIVE_ARG(Seconds, sender_timeout, Seconds(10));
+  /// Compression of the chunks sent and of the averages sent back.
+  HIVE_ARG(Compression, compression, Compression::none);
+  /// Largest chunk of a part, in bytes of float32 (2^19 = 128Ki elements).
+  HIVE_ARG(std::int64_t, part_size_bytes, std::int64_t{1} << 19);
+  /// Send tensors and receive averages, but average no part (for peers that cannot accept
+  /// connections; implied by a client-mode DHT).
+  HIVE_ARG(bool, client_mode, false);
+  /// How often a peer that shares its state re-announces it in the DHT.
+  HIVE_ARG(Seconds, declare_state_period, Seconds(10));
+  /// Largest reply of a state download, in bytes (each reply carries at least one tensor).
+  HIVE_ARG(std::int64_t, state_part_bytes, std::int64_t{8} << 20);
+  HIVE_OPTIONS_JSON(AveragerOptions, prefix, target_group_size, min_group_size, initial_group_bits, matchmaking_time,
+                    request_timeout, allreduce_timeout, sender_timeout, compression, part_size_bytes, client_mode,
+                    declare_state_period, state_part_bytes)
+};
+
+/// What a step did.
+struct StepResult {
+  /// True when the tensors now hold the group's average.
+  bool ok = false;
+  /// Members of the group (0 when none formed).
+  std::size_t group_size = 0;
+  /// The round's id (empty when no group formed).
+  std::string group_id;
+  /// What each member attached to the round, in the group's order.
+  std::vector<nlohmann::json> gathered;
+  /// Why the step did not average, when it did not.
+  std::string error;
+  /// Seconds spent looking for a group, then averaging.
+  double matchmaking_s = 0, allreduce_s = 0;
+  /// ok.
+  explicit operator bool() const noexcept { return ok; }
+};
+
+/// A peer's state as shared with newcomers: JSON metadata and tensors.
+struct State {
+  /// Anything small (step counters, names).
+  nlohmann::json metadata;
+  /// The tensors, in an order both sides agree on.
+  std::vector<at::Tensor> tensors;
+};
+
+/// Averages a list of tensors with peers of the same run, found through the DHT.
+///
+/// step() looks for a group (matchmaking) and averages with it:
+/// - Peers announce themselves under the group key `prefix.0b<bits>` with their matchmaking
+///   deadline. A peer asks the peers that rank before it (earlier deadline, then address) to
+///   take it as a follower; the first to accept becomes its leader. A peer that nobody takes
+///   collects followers itself; it starts the round when it has target_group_size members, or
+///   when its matchmaking time ends with at least min_group_size.
+/// - The group then runs the Strategy's all-reduce (butterfly by default). The tensors change
+///   only when the whole average came back: a member that dies or stalls makes the round fail
+///   (or, as a sender only, be left out after sender_timeout), never leaves a tensor
+///   half-written.
+///
+/// A peer that shares its state (set_state_provider) announces itself under `prefix.all_averagers`
+/// with a priority; load_state_from_peers() downloads the state of the peer with the highest.
+///
+/// @tparam T the net::Transport policy of the DHT it runs on
+/// @tparam R the dht::Routing policy
+/// @tparam A the all-reduce Strategy
+/// @par Example
+/// @code
+/// hive::DHT dht(hive::DHTOptions().initial_peers({"127.0.0.1:1337"}));
+/// std::vector<at::Tensor> tensors{at::randn({16, 16})};
+/// hive::averaging::DecentralizedAverager<> averager(dht, tensors,
+///     hive::averaging::AveragerOptions().prefix("my_run").target_group_size(4));
+/// if (auto r = averager.step(); r) fmt::print("averaged with {} peers\n", r.group_size);
+/// @endcode
+/// @par Thread safety
+/// step(), load_state_from_peers() and the accessors may be called from any thread except the
+/// DHT's io threads; one step at a time. The averaged tensors are written in place under
+/// tensors_mutex(): hold it while reading or changing them from other threads.
+template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, Strategy A = Butterfly>
+class DecentralizedAverager {
+ public:
+  /// The DHT peer type it runs on.
+  using dht_type = BasicDHT<T, R>;
+  /// A function returning the state to share (called on the DHT's io thread).
+  using StateProvider = std::function<State()>;
+
+  /// An averager of `tensors` (shared, written in place) on `dht`, which must outlive it.
+  /// Throws hive::InvalidArgument for bad options.
+  DecentralizedAverager(dht_type& dht, std::vector<at::Tensor> tensors, AveragerOptions options)
+      : core_(std::make_shared<Core>(dht, std::move(tensors), std::move(options))) {
+    core_->start();
+  }
+  DecentralizedAverager(const DecentralizedAverager&) = delete;
+  DecentralizedAverager& operator=(const DecentralizedAverager&) = delete;
+  /// Stops; see shutdown().
+  ~DecentralizedAverager() { shutdown(); }
+
+  /// Looks for a group for up to matchmaking_time and averages the tensors with it, each
+  /// member weighted by `weight`. `gather` is any small JSON shown to the other members (in
+  /// StepResult::gathered). Never throws for a failed round: the result says why.
+  StepResult step(double weight = 1.0, nlohmann::json gather = nullptr) { return step_async(weight, std::move(gather)).get(); }
+
+  /// step() without blocking.
+  std::future<StepResult> step_async(double weight = 1.0, nlohmann::json gather = nullptr) {
+    HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+    auto core = core_;
+    auto op = [core, weight, gather = std::move(gather)]() -> asio::awaitable<StepResult> {
+      co_return co_await core->round(weight, gather);
+    };
+    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), asio::use_future);
+  }
+
+  /// The averaged tensors (the same storage as given).
+  [[nodiscard]] const std::vector<at::Tensor>& tensors() const noexcept { return core_->tensors; }
+  /// Held while the averager reads or writes the tensors.
+  [[nodiscard]] std::mutex& tensors_mutex() noexcept { return core_->tensors_mutex; }
+  /// The options.
+  [[nodiscard]] const AveragerOptions& options() const noexcept { return core_->options; }
+  /// The key this peer looks for groups under now.
+  [[nodiscard]] std::string group_key() const {
+    std::string key;
+    detail::run_blocking_on(core_->rpc->get_executor(), [&] { key = core_->keys.group_key(); });
+    return key;
+  }
+  /// True when this peer sends but averages no part.
+  [[nodiscard]] bool client_mode() const noexcept { return core_->client_mode; }
+
+  /// Shares this peer's state: `provider` is called (on an io thread) when a peer downloads it.
+  /// The peer is announced in the DHT under `prefix.all_averagers` with `priority`.
+  void set_state_provider(StateProvider provider, double priority = 0) {
+    HIVE_CHECK(!core_->client_mode, "a client-mode peer cannot share its state: nobody can connect to it");
+    auto core = core_;
+    core->priority.store(priority);
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->provider = std::move(provider); });
+    core->declare_state_now();
+  }
+  /// Changes the priority announced with the shared state (higher is preferred by newcomers).
+  void set_state_priority(double priority) noexcept { core_->priority.store(priority); }
+
+  /// Downloads the state of the sharing peer with the highest priority (trying the next one
+  /// when a download fails); nullopt when no peer shares a state or every download failed.
+  std::optional<State> load_state_from_peers(Seconds timeout = Seconds(60)) {
+    auto core = core_;
+    auto op = [core, timeout]() -> asio::awaitable<std::optional<State>> { co_return co_await core->download_state(timeout); };
+    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), asio::use_future).get();
+  }
+
+  /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
+  /// The tensors are left as they are.
+  void shutdown() {
+    if (!core_) return;
+    auto core = core_;
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->close(); });
+  }
+
+ private:
+  using Runner = typename A::template Runner<T>;
+  enum class Phase { idle, looking, requesting, following, running };
+
+  // A join request waiting in the leader's handler: the requester and the followers it brings.
+  struct Waiter {
+    std::vector<Member> block;
+    detail::Event decided;
+    std::optional<GroupInfo> group;
+    std::string reason;
+  };
+
+  // What a peer announced under the group key.
+  struct Candidate {
+    std::string address;
+    double deadline = 0;
+  };
+
+  // Everything runs on the Rpc's strand; the handlers hold a weak reference.
+  struct Core : std::enable_shared_from_this<Core> {
+    Core(dht_type& dht, std::vector<at::Tensor> tensors_in, AveragerOptions options_in)
+        : options(std::move(options_in)),
+          node(dht.node()),
+          rpc(dht.node()->rpc()),
+          tensors(std::move(tensors_in)),
+          keys(options.prefix(), options.initial_group_bits()),
+          runner(std::make_shared<Runner>(rpc)),
+          declare_timer(rpc->get_executor()) {
+      HIVE_CHECK(options.target_group_size() >= 2, "target_group_size must be at least 2, got {}",
+                 options.target_group_size());
+      HIVE_CHECK(options.min_group_size() >= 2 && options.min_group_size() <= options.target_group_size(),
+                 "min_group_size must be in [2, target_group_size], got {}", options.min_group_size());
+      HIVE_CHECK(options.matchmaking_time() > Seconds(0), "matchmaking_time must be positive");
+      HIVE_CHECK(options.part_size_bytes() >= 4, "part_size_bytes must be at least 4");
+      for (const auto& t : tensors)
+        HIVE_CHECK(t.defined() && at::isFloatingType(t.scalar_type()), "averaged tensors must be floating point");
+      const auto visible = dht.visible_addresses();
+      address = visible.empty() ? std::string() : visible.front();
+      client_mode = options.client_mode() || address.empty();
+      if (client_mode) address.clear();
+      schema = schema_hash(tensors);
+      settings.compression = options.compression();
+      settings.chunk_elements = std::max<std::int64_t>(1, options.part_size_bytes() / 4);
+      settings.sender_timeout = options.sender_timeout();
+      settings.timeout = options.allreduce_timeout();
+      settings.registration_timeout = options.request_timeout();
+      settings.limits = rpc->transport().limits();
+    }
+
+    void start() {
+      std::weak_ptr<Core> weak = this->shared_from_this();
+      auto guard = [weak](auto body) {
+        return [weak, body](net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+          auto self = weak.lock();
+          if (!self || self->closed) throw Error(errc::shutdown, "no averager runs on this peer");
+          co_return co_await body(self, std::move(ctx), std::move(m));
+        };
+      };
+      rpc->add_handler(std::string(join_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+                         return self->serve_join(std::move(m));
+                       }));
+      rpc->add_handler(std::string(part_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+                         return self->runner->serve(std::move(m), self->settings);
+                       }));
+      rpc->add_handler(std::string(state_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+                         return self->serve_state(std::move(m));
+                       }));
+    }
+
+    void close() {
+      if (closed) return;
+      closed = true;
+      declare_timer.cancel();
+      changed.notify_all();
+      for (auto& w : waiters) {
+        w->reason = "the leader is shutting down";
+        w->decided.set();
+      }
+      waiters.clear();
+      runner->close();
+      snapshots.clear();
+    }
+
+    // ----- matchmaking: the leader's side -----
+
+    asio::awaitable<Message> serve_join(Message m) {
+      const auto& h = m.header;
+      if (!h.is_object() || !h.contains("key") || !h["key"].is_string() || !h.contains("schema") ||
+          !h["schema"].is_string() || !h.contains("client_mode") || !h["client_mode"].is_boolean() ||
+          !h.contains("address") || !h["address"].is_string())
+        throw Error(errc::bad_header, "avg.join needs 'key', 'schema', 'address' (strings) and 'client_mode' (bool)");
+      auto reject = [](std::string reason, bool final) {
+        return Message{{{"accepted", false}, {"reason", std::move(reason)}, {"final", final}}, {}};
+      };
+      if (client_mode) co_return reject("this peer is in client mode and leads no group", true);
+      if (phase == Phase::requesting) co_return reject("this peer is asking another leader", false);
+      if (phase != Phase::looking) co_return reject("this peer is not looking for a group", true);
+      if (h["key"].get<std::string>() != keys.group_key()) co_return reject("different group key", true);
+      if (h["schema"].get<std::string>() != schema) co_return reject("different tensor shapes", true);
+      if (h.value("compression", nlohmann::json("none")) != nlohmann::json(settings.compression))
+        co_return reject("different compression", true);
+      std::vector<Member> block(1);
+      block[0].address = h["address"].get<std::string>();
+      block[0].client_mode = h["client_mode"].get<bool>();
+      block[0].gathered = h.value("gathered", nlohmann::json());
+      if (h.contains("followers")) {
+        try {
+          for (auto& f : h["followers"].get<std::vector<Member>>()) block.push_back(std::move(f));
+        } catch (const nlohmann::json::exception& e) {
+          throw Error(errc::bad_header, fmt::format("avg.join: bad 'followers': {}", e.what()));
+        }
+      }
+      if (group_members() + block.size() > options.target_group_size()) co_return reject("the group is full", true);
+      for (const auto& member : block) {
+        if (!member.client_mode && member.address.empty())
+          throw Error(errc::bad_header, "avg.join: a member that averages a part needs an address");
+        if (member.client_mode) continue;
+        if (member.address == address) co_return reject("the request names this leader as a member", true);
+        for (const auto& w : waiters)
+          for (const auto& other : w->block)
+            if (!other.client_mode && other.address == member.address) co_return reject("already in this group", true);
+      }
+      auto waiter = std::make_shared<Waiter>();
+      waiter->block = std::move(block);
+      waiters.push_back(waiter);
+      changed.notify_all();
+      co_await waiter->decided.wait(my_deadline + to_duration(options.request_timeout()));
+      if (!waiter->decided.is_set()) std::erase(waiters, waiter);
+      if (!waiter->group) co_return reject(waiter->reason.empty() ? "the leader gave up" : waiter->reason, true);
+      nlohmann::json members = waiter->group->members;
+      co_return Message{{{"accepted", true},
+                         {"group_id", waiter->group->group_id},
+                         {"members", std::move(members)},
+                         {"index", waiter->group->my_index}},
+                        {}};
+    }
+
+    // Members of the group this peer leads now (itself and every waiting block).
+    [[nodiscard]] std::size_t group_members() const {
+      std::size_t n = 1;
+      for (const auto& w : waiters) n += w->block.size();
+      return n;
+    }
+
+    // Tells each waiting block its place in `group`, whose members from `first` on are theirs.
+    static void decide(std::vector<std::shared_ptr<Waiter>>& blocks, const GroupInfo& group, std::size_t first) {
+      for (auto& w : blocks) {
+        w->group = group;
+        w->group->my_index = first;
+        first += w->block.size();
+        w->decided.set();
+      }
+      blocks.clear();
+    }
+
+    // ----- matchmaking: the follower's side -----
+
+    asio::awaitable<std::vector<Candidate>> candidates(const std::string& key) {
+      std::vector<Candidate> out;
+      auto op = node->get(Id160::of(key), true);
+      auto record = co_await std::move(op);
+      if (!record) co_return out;
+      auto decoded = dht_type::decode(*record);
+      if (!decoded) co_return out;
+      const double now = wall_time();
+      for (const auto& [subkey, v] : decoded->dictionary) {
+        const auto* a = std::get_if<std::string>(&subkey);
+        if (!a || *a == address || !v.value.is_object() || !v.value.contains("deadline") || !v.value["deadline"].is_number())
+          continue;
+        Candidate c{*a, v.value["deadline"].template get<double>()};
+        if (c.deadline <= now) continue;
+        if (v.value.value("schema", std::string()) != schema) continue;
+        // Join only peers that rank before this one, so that no two peers wait on each other.
+        if (!client_mode && std::tie(c.deadline, c.address) >= std::tie(my_deadline_wall, address)) continue;
+        out.push_back(std::move(c));
+      }
+      std::sort(out.begin(), out.end(),
+                [](const Candidate& a, const Candidate& b) { return std::tie(a.deadline, a.address) < std::tie(b.deadline, b.address); });
+      co_return out;
+    }
+
+    struct JoinReply {
+      std::optional<GroupInfo> group;
+      bool final = true;
+      std::string reason;
+    };
+
+    asio::awaitable<JoinReply> request_join(const Candidate& leader, const nlohmann::json& gathered,
+                                            const std::vector<std::shared_ptr<Waiter>>& bringing) {
+      JoinReply out;
+      Message request;
+      request.header = {{"key", keys.group_key()}, {"schema", schema},         {"compression", settings.compression},
+                        {"address", address},     {"client_mode", client_mode}, {"gathered", gathered}};
+      if (!bringing.empty()) {
+        auto followers = nlohmann::json::array();
+        for (const auto& w : bringing)
+          for (const auto& m : w->block) followers.push_back(m);
+        request.header["followers"] = std::move(followers);
+      }
+      const auto wait = Seconds(std::max(0.0, leader.deadline - wall_time())) + options.request_timeout();
+      try {
+        auto op = rpc->co_call(leader.address, std::string(join_method), std::move(request), wait);
+        Message reply = co_await std::move(op);
+        const auto& h = reply.header;
+        if (!h.is_object() || !h.contains("accepted") || !h["accepted"].is_boolean())
+          throw Error(errc::bad_header, "avg.join reply lacks 'accepted'");
+        if (!h["accepted"].get<bool>()) {
+          out.final = h.value("final", true);
+          out.reason = h.value("reason", std::string("rejected"));
+          co_return out;
+        }
+        GroupInfo g;
+        g.group_id = h.at("group_id").get<std::string>();
+        g.members = h.at("members").get<std::vector<Member>>();
+        g.my_index = h.at("index").get<std::size_t>();
+        std::size_t brought = 0;
+        for (const auto& w : bringing) brought += w->block.size();
+        if (g.members.size() < 2 || g.my_index + brought >= g.members.size() || g.members[g.my_index].address != address ||
+            g.members[g.my_index].client_mode != client_mode)
+          throw Error(errc::bad_header, "avg.join reply names a group this peer is not in");
+        out.group = std::move(g);
+      } catch (const nlohmann::json::exception& e) {
+        out.reason = fmt::format("bad avg.join reply: {}", e.what());
+      } catch (const std::exception& e) {
+        out.reason = e.what();
+      }
+      co_return out;
+    }
+
+    // Finds a group until `end`: joins a better-ranked leader, or leads one.
+    asio::awaitable<std::optional<GroupInfo>> matchmake(Deadline end, nlohmann::json gathered, std::string& why) {
+      my_deadline = end;
+      my_deadline_wall = wall_time() + std::chrono::duration_cast<Seconds>(end - SteadyClock::now()).count();
+      waiters.clear();
+      my_gathered = gathered;
+      phase = Phase::looking;
+      const auto key = keys.group_key();
+      if (!client_mode) {
+        std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(address),
+                                           nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", schema}}),
+                                           my_deadline_wall}};
+        auto op = node->store_many(std::move(items));
+        auto stored = co_await std::move(op);
+        if (!stored.at(0)) log::debug("averaging", "announcing {} under {} reached no replica", address, key);
+      }
+      std::set<std::string> refused;
+      const auto poll = to_duration(std::min(Seconds(0.5), options.matchmaking_time() / 10));
+      std::string last_reason;
+      while (!closed && SteadyClock::now() < end && group_members() < options.target_group_size()) {
+        // Even a peer that already leads followers asks better-ranked leaders, bringing its
+        // followers along: groups that formed around different peers merge.
+        auto op = candidates(key);
+        auto found = co_await std::move(op);
+        for (const auto& c : found) {
+          if (closed || SteadyClock::now() >= end || group_members() >= options.target_group_size()) break;
+          if (refused.contains(c.address)) continue;
+          phase = Phase::requesting;
+          auto bringing = waiters;
+          auto join = request_join(c, gathered, bringing);
+          auto reply = co_await std::move(join);
+          if (reply.group) {
+            phase = Phase::following;
+            std::erase_if(waiters, [&](const auto& w) { return std::find(bringing.begin(), bringing.end(), w) != bringing.end(); });
+            decide(bringing, *reply.group, reply.group->my_index + 1);
+            co_return std::move(reply.group);
+          }
+          phase = Phase::looking;
+          last_reason = fmt::format("{}: {}", c.address, reply.reason);
+          if (reply.final) refused.insert(c.address);
+        }
+        if (closed || group_members() >= options.target_group_size()) break;
+        co_await changed.wait(std::min(end, SteadyClock::now() + poll));
+      }
+      if (closed) {
+        why = "the averager is shutting down";
+        co_return std::nullopt;
+      }
+      // This peer leads whoever joined it.
+      std::vector<std::shared_ptr<Waiter>> followers;
+      followers.swap(waiters);
+      std::size_t members = 1;
+      for (const auto& w : followers) members += w->block.size();
+      if (members < options.min_group_size()) {
+        why = followers.empty() ? fmt::format("no group found in {:.1f} s{}", options.matchmaking_time().count(),
+                                              last_reason.empty() ? "" : " (last refusal: " + last_reason + ")")
+                                : fmt::format("only {} peers met, min_group_size is {}", members, options.min_group_size());
+        for (auto& w : followers) {
+          w->reason = why;
+          w->decided.set();
+        }
+        phase = Phase::idle;
+        co_return std::nullopt;
+      }
+      GroupInfo g;
+      g.group_id = Id160::random().hex().substr(0, 24);
+      g.members.push_back(Member{address, false, my_gathered});
+      for (const auto& w : followers)
+        for (const auto& m : w->block) g.members.push_back(m);
+      decide(followers, g, 1);
+      phase = Phase::running;
+      g.my_index = 0;
+      co_return g;
+    }
+
+    // ----- one step -----
+
+    asio::awaitable<StepResult> round(double weight, nlohmann::json gathered) {
+      StepResult result;
+      if (closed) {
+        result.error = "the averager is shut down";
+        co_return result;
+      }
+      if (busy) {
+        result.error = "another step of this averager is running";
+        co_return result;
+      }
+      busy = true;
+      struct Reset {
+        Core* core;
+        ~Reset() {
+          core->busy = false;
+          core->phase = Phase::idle;
+        }
+      } reset{this};
+      auto self = this->shared_from_this();
+      const auto started = SteadyClock::now();
+      std::string why;
+      auto mm = matchmake(deadline_after(options.matchmaking_time()), std::move(gathered), why);
+      auto group = co_await std::move(mm);
+      const auto matched = SteadyClock::now();
+      result.matchmaking_s = std::chrono::duration<double>(matched - started).count();
+      if (!group) {
+        result.error = why;
+        co_return result;
+      }
+      result.group_size = group->size();
+      result.group_id = group->group_id;
+      for (const auto& m : group->members) result.gathered.push_back(m.gathered);
+      at::Tensor flat;
+      {
+        std::lock_guard lock(tensors_mutex);
+        flat = flatten_tensors(tensors);
+      }
+      try {
+        auto op = runner->run(*group, flat, weight, settings);
+        auto averaged = co_await std::move(op);
+        std::lock_guard lock(tensors_mutex);
+        unflatten_into(averaged, tensors);
+      } catch (const std::exception& e) {
+        result.error = e.what();
+        result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
+        co_return result;
+      }
+      keys.update(group->my_index, group->size());
+      result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
+      result.ok = true;
+      co_return result;
+    }
+
+    // ----- state sharing -----
+
+    void declare_state_now() {
+      auto op = [self = this->shared_from_this()]() -> asio::awaitable<void> { co_await self->declare_state_loop(); };
+      asio::co_spawn(rpc->get_executor(), std::move(op), asio::detached);
+    }
+
+    asio::awaitable<void> declare_state_loop() {
+      if (declaring) co_return;
+      declaring = true;
+      while (!closed && provider) {
+        const double expiration = wall_time() + 2 * options.declare_state_period().count();
+        std::vector<dht::StoreItem> items{{Id160::of(keys.state_key()), dht::Subkey(address),
+                                           nlohmann::json::to_msgpack(nlohmann::json{{"priority", priority.load()}}), expiration}};
+        try {
+          auto op = node->store_many(std::move(items));
+          co_await std::move(op);
+        } catch (const std::exception& e) {
+          log::warn("averaging", "announcing the shared state failed: {}", e.what());
+        }
+        declare_timer.expires_after(to_duration(options.declare_state_period()));
+        auto [ec] = co_await declare_timer.async_wait(detail::as_tuple_awaitable);
+        (void)ec;
+      }
+      declaring = false;
+    }
+
+    struct Snapshot {
+      Deadline created;
+      State state;
+    };
+
+    asio::awaitable<Message> serve_state(Message m) {
+      if (!provider) throw Error(errc::invalid_argument, "this peer does not share its state");
+      const auto& h = m.header;
+      if (!h.is_object() || !h.contains("offset") || !h["offset"].is_number_unsigned())
+        throw Error(errc::bad_header, "avg.state needs 'offset' (unsigned)");
+      const auto offset = h["offset"].get<std::size_t>();
+      std::string id = h.value("snapshot", std::string());
+      const auto now = SteadyClock::now();
+      std::erase_if(snapshots, [&](const auto& kv) { return now - kv.second->created > std::chrono::seconds(120); });
+      if (id.empty()) {
+        if (offset != 0) throw Error(errc::bad_header, "avg.state: a download starts at offset 0");
+        // One snapshot serves every download that starts within a second.
+        for (const auto& [sid, s] : snapshots)
+          if (now - s->created < std::chrono::seconds(1)) id = sid;
+        if (id.empty()) {
+          auto s = std::make_shared<Snapshot>();
+          s->created = now;
+          s->state = provider();
+          for (auto& t : s->state.tensors) t = t.detach().clone();
+          id = Id160::random().hex().substr(0, 16);
+          while (snapshots.size() >= 4) snapshots.erase(snapshots.begin());
+          snapshots[id] = std::move(s);
+        }
+      }
+      auto it = snapshots.find(id);
+      if (it == snapshots.end()) throw Error(errc::invalid_argument, "the state snapshot expired; start the download again");
+      const auto& state = it->second->state;
+      if (offset > state.tensors.size())
+        throw Error(errc::invalid_argument, fmt::format("offset {} beyond {} tensors", offset, state.tensors.size()));
+      Message reply;
+      reply.header = {{"snapshot", id}, {"total", state.tensors.size()}, {"offset", offset}};
+      if (offset == 0) reply.header["metadata"] = state.metadata;
+      std::vector<at::Tensor> part;
+      std::int64_t bytes = 0;
+      for (auto i = offset; i < state.tensors.size(); ++i) {
+        const auto n = static_cast<std::int64_t>(state.tensors[i].nbytes());
+        if (!part.empty() && bytes + n > options.state_part_bytes()) break;
+        part.push_back(state.tensors[i]);
+        bytes += n;
+      }
+      add_tensors(reply, part);
+      co_return reply;
+    }
+
+    asio::awaitable<std::optional<State>> download_state(Seconds timeout) {
+      auto op = node->get(Id160::of(keys.state_key()), true);
+      auto record = co_await std::move(op);
+      std::vector<std::pair<double, std::string>> peers;
+      if (record)
+        if (auto decoded = dht_type::decode(*record))
+          for (const auto& [subkey, v] : decoded->dictionary) {
+            const auto* a = std::get_if<std::string>(&subkey);
+            if (!a || *a == address || !v.value.is_object() || !v.value.contains("priority") ||
+                !v.value["priority"].is_number())
+              continue;
+            peers.emplace_back(v.value["priority"].template get<double>(), *a);
+          }
+      std::sort(peers.begin(), peers.end(), std::greater<>());
+      const auto end = deadline_after(timeout);
+      for (const auto& [priority, peer] : peers) {
+        if (closed || SteadyClock::now() >= end) break;
+        try {
+          State state;
+          std::string snapshot;
+          std::size_t total = 0;
+          std::size_t offset = 0;
+          do {
+            Message request;
+            request.header = {{"offset", offset}};
+            if (!snapshot.empty()) request.header["snapshot"] = snapshot;
+            const auto left = std::chrono::duration_cast<Seconds>(end - SteadyClock::now());
+            auto op = rpc->co_call(peer, std::string(state_method), std::move(request), std::max(left, Seconds(0.001)));
+            Message reply = co_await std::move(op);
+            const auto& h = reply.header;
+            if (!h.is_object() || !h.contains("snapshot") || !h.contains("total"))
+              throw Error(errc::bad_header, "avg.state reply lacks 'snapshot' or 'total'");
+            if (offset == 0) {
+              snapshot = h["snapshot"].get<std::string>();
+              total = h["total"].get<std::size_t>();
+              state.metadata = h.value("metadata", nlohmann::json());
+            }
+            auto part = get_tensors(reply, settings.limits);
+            if (part.empty() && offset < total) throw Error(errc::bad_header, "avg.state reply carries no tensor");
+            for (auto& t : part) state.tensors.push_back(std::move(t));
+            offset += part.size();
+            if (offset > total) throw Error(errc::bad_header, "avg.state sent more tensors than announced");
+          } while (offset < total);
+          log::info("averaging", "downloaded the state of {} (priority {}): {} tensors", peer, priority, total);
+          co_return state;
+        } catch (const std::exception& e) {
+          log::warn("averaging", "downloading the state of {} failed: {}", peer, e.what());
+        }
+      }
+      co_return std::nullopt;
+    }
+
+    static SteadyClock::duration to_duration(Seconds s) { return std::chrono::duration_cast<SteadyClock::duration>(s); }
+
+    AveragerOptions options;
+    std::shared_ptr<typename dht_type::node_type> node;
+    std::shared_ptr<net::Rpc<T>> rpc;
+    std::vector<at::Tensor> tensors;
+    std::mutex tensors_mutex;
+    GroupKeys keys;
+    std::shared_ptr<Runner> runner;
+    AllReduceSettings settings;
+    std::string address;
+    bool client_mode = false;
+    std::string schema;
+    bool closed = false;
+    bool busy = false;
+    Phase phase = Phase::idle;
+    Deadline my_deadline{};
+    double my_deadline_wall = 0;
+    nlohmann::json my_gathered;
+    std::vector<std::shared_ptr<Waiter>> waiters;
+    detail::Notifier changed;
+    StateProvider provider;
+    std::atomic<double> priority{0};
+    bool declaring = false;
+    asio::steady_timer declare_timer;
+    std::map<std::string, std::shared_ptr<Snapshot>> snapshots;
+  };
+
+  std::shared_ptr<Core> core_;
+};
+
+}  // namespace hive::averaging

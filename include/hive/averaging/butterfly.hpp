@@ -1,0 +1,306 @@
+#pragma once
+/// @file
+/// Butterfly all-reduce: every member averages one part of the flattened vector, receiving
+/// that part from every member chunk by chunk and answering each chunk with its average.
+
+#include <hive/averaging/group.hpp>
+#include <hive/core/clock.hpp>
+#include <hive/core/log.hpp>
+#include <hive/core/tensor_codec.hpp>
+#include <hive/detail/event.hpp>
+#include <hive/net/rpc.hpp>
+#include <hive/net/tcp.hpp>
+
+#include <cmath>
+#include <concepts>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace hive::averaging {
+
+/// Method a member calls to send a chunk of its vector to the chunk's reducer; the reply is the
+/// chunk's group average.
+inline constexpr std::string_view part_method = "avg.part";
+
+/// What one all-reduce needs to know besides the group and the vector.
+struct AllReduceSettings {
+  /// Compression of chunks in both directions.
+  Compression compression = Compression::none;
+  /// Largest chunk, in elements.
+  std::int64_t chunk_elements = std::int64_t{1} << 17;
+  /// How long a reducer waits for a missing sender after a chunk's first arrival; then it
+  /// averages the senders that arrived.
+  Seconds sender_timeout = Seconds(10);
+  /// Bound on the whole all-reduce.
+  Seconds timeout = Seconds(60);
+  /// How long a chunk that arrives before this peer knows its round waits for it.
+  Seconds registration_timeout = Seconds(3);
+  /// Bounds on what the peer decodes.
+  Limits limits{};
+};
+
+/// The all-reduce policy of DecentralizedAverager (the `averaging::Strategy` slot of Trainer).
+///
+/// A Strategy names itself and provides `Runner<T>`, built on a peer's net::Rpc<T>, with
+/// `run(group, flat, weight, settings)` (awaitable: the group's weighted average of `flat`),
+/// `serve(request, settings)` (the handler of part_method) and `close()`.
+template <class A>
+concept Strategy = requires {
+  { A::name } -> std::convertible_to<std::string_view>;
+  typename A::template Runner<net::Tcp>;
+} && requires(typename A::template Runner<net::Tcp>& r, const GroupInfo& g, at::Tensor t, double w,
+              const AllReduceSettings& s, Message m) {
+  { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<at::Tensor>>;
+  { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
+  r.close();
+};
+
+/// Butterfly all-reduce (the default Strategy).
+///
+/// The flattened vector is split evenly among the members that are not in client mode; member
+/// r reduces part r. Every member sends each chunk of part r to member r, which accumulates the
+/// weighted sum, waits for all senders (or sender_timeout after the chunk's first arrival, then
+/// averages those that came), and answers every sender with the same encoded average, so all
+/// members end with identical values even under lossy compression. A member applies nothing
+/// unless every chunk of every part came back.
+struct Butterfly {
+  /// The strategy's name (in logs).
+  static constexpr std::string_view name = "butterfly";
+
+  /// One peer's side of butterfly all-reduce: the reductions it serves and the rounds it runs.
+  /// Every member function runs on the Rpc's strand.
+  template <net::Transport T>
+  class Runner : public std::enable_shared_from_this<Runner<T>> {
+   public:
+    /// A runner that talks through `rpc`.
+    explicit Runner(std::shared_ptr<net::Rpc<T>> rpc) : rpc_(std::move(rpc)) {}
+
+    /// The group's weighted average of `flat` (float32, one dimension). Throws hive::Error when
+    /// any part fails; the caller then keeps its tensors.
+    asio::awaitable<at::Tensor> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
+      HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+      HIVE_CHECK(group.my_index < group.size(), "member index {} outside a group of {}", group.my_index, group.size());
+      flat = flat.contiguous();
+      const auto reducers = group.reducers();
+      HIVE_CHECK(!reducers.empty(), "a group of client-mode peers only cannot average");
+      const auto parts = split_evenly(flat.numel(), reducers.size());
+      const auto deadline = deadline_after(s.timeout);
+      for (std::size_t p = 0; p < reducers.size(); ++p)
+        if (reducers[p] == group.my_index) add_reduction(group, parts[p], s);
+
+      struct Round {
+        at::Tensor result;
+        std::size_t pending = 0;
+        std::string error;
+        detail::Event done;
+      };
+      auto round = std::make_shared<Round>();
+      round->result = at::empty_like(flat);
+      struct Send {
+        std::size_t member;
+        std::size_t chunk;
+        Range range;
+      };
+      std::vector<Send> sends;
+      for (std::size_t p = 0; p < reducers.size(); ++p) {
+        const auto chunks = chunks_of(parts[p], s.chunk_elements);
+        for (std::size_t k = 0; k < chunks.size(); ++k) sends.push_back({reducers[p], k, chunks[k]});
+      }
+      round->pending = sends.size();
+      auto self = this->shared_from_this();
+      for (const auto& sd : sends) {
+        const auto member = sd.member;
+        const auto chunk_index = sd.chunk;
+        const auto range = sd.range;
+        auto send = [self, round, group, member, range, chunk_index, weight, s, deadline,
+                     piece = flat.slice(0, range.begin, range.end)]() -> asio::awaitable<void> {
+          try {
+            at::Tensor averaged;
+            if (member == group.my_index) {
+              auto op = self->contribute(group.group_id, group.my_index, chunk_index, weight, piece, deadline);
+              auto encoded = co_await std::move(op);
+              averaged = decode_tensor(encoded.descriptor, encoded.payload, s.limits);
+            } else {
+              Message request;
+              request.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", chunk_index},
+                                {"weight", weight}, {"compression", s.compression}};
+              add_tensors(request, {piece}, s.compression);
+              const auto left = std::chrono::duration_cast<Seconds>(deadline - SteadyClock::now());
+              auto op = self->rpc_->co_call(group.members[member].address, std::string(part_method), std::move(request),
+                                            std::max(left, Seconds(0.001)));
+              auto reply = co_await std::move(op);
+              auto tensors = get_tensors(reply, s.limits);
+              if (tensors.size() != 1 || tensors[0].numel() != range.size())
+                throw Error(errc::bad_tensor, fmt::format("reducer answered {} tensors instead of one of {} elements",
+                                                          tensors.size(), range.size()));
+              averaged = tensors[0];
+            }
+            round->result.slice(0, range.begin, range.end).copy_(averaged.reshape({-1}));
+          } catch (const std::exception& e) {
+            if (round->error.empty())
+              round->error = fmt::format("chunk {} of member {} ({}): {}", chunk_index, member,
+                                         member == group.my_index ? "this peer" : group.members[member].address, e.what());
+            round->done.set();
+          }
+          if (--round->pending == 0) round->done.set();
+        };
+        asio::co_spawn(rpc_->get_executor(), std::move(send), asio::detached);
+      }
+      const bool finished = co_await round->done.wait(deadline);
+      if (!round->error.empty()) throw Error(errc::round_failed, round->error);
+      if (!finished) throw Error(errc::timeout, fmt::format("all-reduce did not finish within {:.1f} s", s.timeout.count()));
+      co_return round->result;
+    }
+
+    /// Serves part_method: adds a sender's chunk to this peer's reduction and answers with the
+    /// chunk's average once it is known.
+    asio::awaitable<Message> serve(Message m, const AllReduceSettings& s) {
+      const auto& h = m.header;
+      if (!h.is_object() || !h.contains("group") || !h["group"].is_string() || !h.contains("sender") ||
+          !h["sender"].is_number_unsigned() || !h.contains("chunk") || !h["chunk"].is_number_unsigned() ||
+          !h.contains("weight") || !h["weight"].is_number())
+        throw Error(errc::bad_header, "avg.part needs 'group' (string), 'sender', 'chunk' (unsigned) and 'weight'");
+      auto tensors = get_tensors(m, s.limits);
+      if (tensors.size() != 1) throw Error(errc::bad_tensor, fmt::format("avg.part carries one tensor, got {}", tensors.size()));
+      auto op = contribute(h["group"].get<std::string>(), h["sender"].get<std::size_t>(), h["chunk"].get<std::size_t>(),
+                           h["weight"].get<double>(), tensors[0], deadline_after(s.registration_timeout));
+      auto encoded = co_await std::move(op);
+      Message reply;
+      auto d = encoded.descriptor;
+      d["blob"] = reply.add_blob(encoded.payload);
+      reply.header = {{"tensors", nlohmann::json::array({std::move(d)})}};
+      co_return reply;
+    }
+
+    /// Fails every reduction in progress and every later one.
+    void close() {
+      closed_ = true;
+      for (auto& [id, r] : reductions_)
+        for (auto& c : r->chunks) c->finished.set();
+      reductions_.clear();
+      registered_.notify_all();
+    }
+
+    /// Reductions this peer holds (for tests and stats).
+    [[nodiscard]] std::size_t reductions() const noexcept { return reductions_.size(); }
+
+   private:
+    struct Chunk {
+      Range range;
+      at::Tensor sum;
+      double weight = 0;
+      std::vector<bool> arrived;
+      std::size_t count = 0;
+      std::optional<Deadline> first_arrival;
+      bool done = false;
+      std::string error;
+      EncodedTensor result;
+      detail::Event finished;
+    };
+    struct Reduction {
+      std::size_t senders = 0;
+      std::vector<std::unique_ptr<Chunk>> chunks;
+      Deadline created;
+      Deadline deadline;
+      Seconds sender_timeout;
+      Compression compression = Compression::none;
+    };
+
+    void add_reduction(const GroupInfo& group, Range part, const AllReduceSettings& s) {
+      // Finished reductions are kept a while for late or duplicate chunks, then dropped.
+      const auto now = SteadyClock::now();
+      std::erase_if(reductions_, [&](const auto& kv) { return now > kv.second->deadline + s.timeout; });
+      auto r = std::make_shared<Reduction>();
+      r->senders = group.size();
+      r->created = now;
+      r->deadline = deadline_after(s.timeout);
+      r->sender_timeout = s.sender_timeout;
+      r->compression = s.compression;
+      for (auto range : chunks_of(part, s.chunk_elements)) {
+        auto c = std::make_unique<Chunk>();
+        c->range = range;
+        c->arrived.assign(group.size(), false);
+        r->chunks.push_back(std::move(c));
+      }
+      reductions_[group.group_id] = std::move(r);
+      registered_.notify_all();
+    }
+
+    static void finish(Reduction& r, Chunk& c) {
+      if (c.done) return;
+      c.done = true;
+      if (c.weight > 0) {
+        // Encoded once: every sender (and this peer) decodes the same bytes.
+        c.result = encode_tensor(c.sum.div(c.weight), r.compression);
+      } else {
+        c.error = c.count == 0 ? "no sender's chunk arrived in time" : "every sender gave weight 0";
+      }
+      c.sum = at::Tensor();
+      c.finished.set();
+    }
+
+    asio::awaitable<EncodedTensor> contribute(std::string group_id, std::size_t sender, std::size_t chunk, double weight,
+                                              at::Tensor values, Deadline wait_until) {
+      std::shared_ptr<Reduction> r;
+      for (;;) {
+        if (closed_) throw Error(errc::shutdown, "the averager is shutting down");
+        if (auto it = reductions_.find(group_id); it != reductions_.end()) {
+          r = it->second;
+          break;
+        }
+        // A member may send before this peer has heard from the leader that the group formed.
+        if (SteadyClock::now() >= wait_until)
+          throw Error(errc::invalid_argument, fmt::format("no averaging round '{}' here", group_id));
+        co_await registered_.wait(wait_until);
+      }
+      if (sender >= r->senders)
+        throw Error(errc::invalid_argument, fmt::format("sender {} outside a group of {}", sender, r->senders));
+      if (chunk >= r->chunks.size())
+        throw Error(errc::invalid_argument, fmt::format("chunk {} outside this part's {} chunks", chunk, r->chunks.size()));
+      if (!std::isfinite(weight) || weight < 0)
+        throw Error(errc::invalid_argument, fmt::format("weight must be finite and >= 0, got {}", weight));
+      auto& c = *r->chunks[chunk];
+      if (values.dim() != 1 || values.numel() != c.range.size() || !at::isFloatingType(values.scalar_type()))
+        throw Error(errc::bad_tensor, fmt::format("chunk {} should be a float vector of {} elements, got {} of {} elements "
+                                                  "in {} dimensions",
+                                                  chunk, c.range.size(), c10::toString(values.scalar_type()),
+                                                  values.numel(), values.dim()));
+      if (c.done) throw Error(errc::timeout, fmt::format("chunk {} arrived after it was averaged without it", chunk));
+      if (c.arrived[sender]) throw Error(errc::invalid_argument, fmt::format("chunk {} from sender {} arrived twice", chunk, sender));
+      c.arrived[sender] = true;
+      ++c.count;
+      if (weight > 0) {
+        auto v = values.to(at::kFloat);
+        if (c.sum.defined()) c.sum.add_(v, weight);
+        else c.sum = v.mul(weight);
+        c.weight += weight;
+      } else if (!c.sum.defined()) {
+        c.sum = at::zeros({c.range.size()}, at::kFloat);
+      }
+      if (!c.first_arrival) c.first_arrival = SteadyClock::now();
+      if (c.count == r->senders) finish(*r, c);
+      const auto until = std::min(r->deadline, *c.first_arrival + std::chrono::duration_cast<SteadyClock::duration>(r->sender_timeout));
+      while (!c.done && !closed_) {
+        if (SteadyClock::now() >= until) {
+          finish(*r, c);
+          break;
+        }
+        co_await c.finished.wait(until);
+      }
+      if (closed_ && !c.done) throw Error(errc::shutdown, "the averager is shutting down");
+      if (!c.error.empty()) throw Error(errc::round_failed, fmt::format("chunk {}: {}", chunk, c.error));
+      co_return c.result;
+    }
+
+    std::shared_ptr<net::Rpc<T>> rpc_;
+    std::map<std::string, std::shared_ptr<Reduction>> reductions_;
+    detail::Notifier registered_;
+    bool closed_ = false;
+  };
+};
+
+static_assert(Strategy<Butterfly>);
+
+}  // namespace hive::averaging

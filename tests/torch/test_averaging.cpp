@@ -1,0 +1,432 @@
+// Decentralized averaging: matchmaking through the DHT, butterfly all-reduce (exact, weighted,
+// compressed), members that die mid-round, state transfer, and training on Fashion-MNIST.
+#include "../../examples/common/fashion_mnist.hpp"
+#include "../common/wait.hpp"
+
+#include <hive/trainer.hpp>
+
+#include <doctest/doctest.h>
+
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/optim/sgd.h>
+
+#include <future>
+#include <latch>
+#include <thread>
+
+using namespace hive;
+using namespace std::chrono_literals;
+using averaging::AveragerOptions;
+using averaging::StepResult;
+using Averager = averaging::DecentralizedAverager<>;
+
+namespace {
+
+/// `n` DHT peers on loopback: the first starts the swarm, the others join through it.
+std::vector<std::unique_ptr<DHT>> swarm(std::size_t n) {
+  std::vector<std::unique_ptr<DHT>> peers;
+  peers.push_back(std::make_unique<DHT>(DHTOptions().listen_on("127.0.0.1:0")));
+  const auto first = peers[0]->visible_addresses();
+  for (std::size_t i = 1; i < n; ++i)
+    peers.push_back(std::make_unique<DHT>(DHTOptions().listen_on("127.0.0.1:0").initial_peers(first)));
+  return peers;
+}
+
+AveragerOptions fast(std::string prefix, std::size_t group) {
+  return AveragerOptions()
+      .prefix(std::move(prefix))
+      .target_group_size(group)
+      .matchmaking_time(Seconds(3))
+      .request_timeout(Seconds(2))
+      .sender_timeout(Seconds(1))
+      .allreduce_timeout(Seconds(20));
+}
+
+/// Runs one step on every averager at once, with weights `weights` (1 when empty).
+std::vector<StepResult> step_all(std::vector<std::unique_ptr<Averager>>& averagers, std::vector<double> weights = {}) {
+  std::vector<std::future<StepResult>> futures;
+  for (std::size_t i = 0; i < averagers.size(); ++i)
+    futures.push_back(averagers[i]->step_async(weights.empty() ? 1.0 : weights[i], nlohmann::json{{"peer", i}}));
+  std::vector<StepResult> out;
+  for (auto& f : futures) out.push_back(f.get());
+  return out;
+}
+
+/// Per peer: two tensors of different dtypes and shapes, filled from a seed.
+std::vector<at::Tensor> peer_tensors(int seed) {
+  at::manual_seed(seed);
+  return {at::randn({3, 50}), at::randn({1000}).to(at::kDouble), at::randn({})};
+}
+
+double max_abs_diff(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  double worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, (a[i].to(at::kDouble) - b[i].to(at::kDouble)).abs().max().item<double>());
+  return worst;
+}
+
+/// The weighted mean of every peer's tensors (in double).
+std::vector<at::Tensor> expected_mean(const std::vector<std::vector<at::Tensor>>& inputs, const std::vector<double>& w) {
+  std::vector<at::Tensor> out;
+  double total = 0;
+  for (double x : w) total += x;
+  for (std::size_t t = 0; t < inputs[0].size(); ++t) {
+    auto sum = at::zeros_like(inputs[0][t], at::kDouble);
+    for (std::size_t p = 0; p < inputs.size(); ++p) sum += inputs[p][t].to(at::kDouble) * w[p];
+    out.push_back(sum / total);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.clone());
+  return out;
+}
+
+/// Averages `n` peers' tensors once and checks that every peer holds the weighted mean.
+void check_group_average(std::size_t n, std::vector<double> weights, Compression compression, double tolerance) {
+  auto dhts = swarm(n);
+  std::vector<std::vector<at::Tensor>> tensors, before;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  for (std::size_t i = 0; i < n; ++i) {
+    tensors.push_back(peer_tensors(static_cast<int>(i)));
+    before.push_back(clones(tensors.back()));
+    averagers.push_back(std::make_unique<Averager>(
+        *dhts[i], tensors.back(), fast("avg" + std::to_string(n), n).compression(compression).part_size_bytes(1024)));
+  }
+  if (weights.empty()) weights.assign(n, 1.0);
+  auto results = step_all(averagers, weights);
+  const auto mean = expected_mean(before, weights);
+  for (std::size_t i = 0; i < n; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    CHECK(results[i].group_size == n);
+    CHECK(results[i].gathered.size() == n);
+    CHECK(max_abs_diff(tensors[i], mean) <= tolerance);
+    // Every member decodes the same encoded averages: the peers end bit-for-bit equal.
+    for (std::size_t t = 0; t < tensors[i].size(); ++t) CHECK(at::equal(tensors[i][t], tensors[0][t]));
+    CHECK((tensors[i][1].scalar_type() == at::kDouble));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("averaging: group keys, parts and chunks") {
+  averaging::GroupKeys keys("run", "0110");
+  CHECK(keys.group_key() == "run.0b0110");
+  keys.update(3, 4);  // index 3 of 4 shifts in "11"
+  CHECK(keys.bits() == "1011");
+  keys.update(0, 3);
+  CHECK(keys.bits() == "1100");
+  CHECK_THROWS_AS(averaging::GroupKeys("", ""), InvalidArgument);
+  CHECK_THROWS_AS(averaging::GroupKeys("run", "012"), InvalidArgument);
+  auto parts = averaging::split_evenly(10, 3);
+  CHECK(parts[0].size() == 4);
+  CHECK(parts[2].end == 10);
+  auto chunks = averaging::chunks_of({4, 14}, 4);
+  REQUIRE(chunks.size() == 3);
+  CHECK(chunks[2].begin == 12);
+  CHECK(chunks[2].end == 14);
+  CHECK(averaging::chunks_of({5, 5}, 4).size() == 1);  // an empty part still has one chunk
+}
+
+TEST_CASE("averaging: two peers end with equal parameters, the mean") { check_group_average(2, {}, Compression::none, 1e-6); }
+
+TEST_CASE("averaging: eight peers end with equal parameters, the mean") { check_group_average(8, {}, Compression::none, 1e-6); }
+
+TEST_CASE("averaging: weighted averaging is exact") {
+  check_group_average(3, {1.0, 2.0, 5.0}, Compression::none, 1e-6);
+}
+
+TEST_CASE("averaging: float16 and 8-bit compression stay within their error bounds") {
+  // Values are N(0,1): float16 loses at most 2^-11 relative per hop (two hops: sent, answered);
+  // uniform8 at most half a step of (max - min) / 255 per hop.
+  SUBCASE("float16") { check_group_average(4, {}, Compression::float16, 2 * 5.0 * std::pow(2.0, -11)); }
+  SUBCASE("uniform8") { check_group_average(4, {}, Compression::uniform8, 2 * 0.5 * 10.0 / 255); }
+}
+
+TEST_CASE("averaging: no partner means no change and a clear reason") {
+  auto dhts = swarm(1);
+  auto tensors = peer_tensors(1);
+  const auto before = clones(tensors);
+  Averager averager(*dhts[0], tensors, fast("alone", 4).matchmaking_time(Seconds(0.5)));
+  auto r = averager.step();
+  CHECK_FALSE(r.ok);
+  CHECK(r.error.find("no group found") != std::string::npos);
+  CHECK(max_abs_diff(tensors, before) == 0);
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("", 4)), InvalidArgument);
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("x", 4).min_group_size(5)), InvalidArgument);
+  CHECK_THROWS_AS(averager.step(-1.0), InvalidArgument);
+}
+
+TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing") {
+  auto dhts = swarm(2);
+  dhts.push_back(std::make_unique<DHT>(DHTOptions().client_mode(true).initial_peers(dhts[0]->visible_addresses())));
+  std::vector<std::vector<at::Tensor>> tensors, before;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  for (std::size_t i = 0; i < 3; ++i) {
+    tensors.push_back(peer_tensors(static_cast<int>(10 + i)));
+    before.push_back(clones(tensors.back()));
+    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("client", 3)));
+  }
+  CHECK(averagers[2]->client_mode());
+  auto results = step_all(averagers);
+  const auto mean = expected_mean(before, {1, 1, 1});
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    CHECK(results[i].group_size == 3);
+    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
+  }
+}
+
+namespace {
+
+/// A hand-written member: joins the group of the best-ranked peer under `key`, then either
+/// dies (closes its connections) or, in client mode, never sends a chunk.
+struct FakeMember {
+  net::Runtime runtime{1};
+  std::shared_ptr<net::Rpc<net::Tcp>> rpc = net::Rpc<net::Tcp>::create(runtime.executor());
+  std::string address;
+
+  explicit FakeMember(bool client_mode) {
+    if (!client_mode) address = rpc->listen("127.0.0.1:0");
+  }
+  ~FakeMember() {
+    rpc->close();
+    runtime.stop();
+  }
+
+  /// Joins the best-ranked peer under `key` (read from `dht`), retrying refusals (a peer may
+  /// still be asking another) for a bounded time; returns the group's size, 0 when not accepted.
+  std::size_t join(DHT& dht, const std::string& key, const std::string& schema) {
+    std::size_t size = 0;
+    test::wait_for([&] {
+      auto record = dht.get(key, true);
+      if (!record) return false;
+      std::string leader;
+      double best = 1e300;
+      for (const auto& [subkey, v] : record->dictionary)
+        if (v.value.contains("deadline") && v.value["deadline"].get<double>() < best) {
+          best = v.value["deadline"].get<double>();
+          leader = std::get<std::string>(subkey);
+        }
+      if (leader.empty()) return false;
+      Message request;
+      request.header = {{"key", key}, {"schema", schema}, {"compression", "none"}, {"address", address},
+                        {"client_mode", address.empty()}};
+      auto reply = rpc->call(leader, "avg.join", std::move(request), Seconds(10));
+      if (!reply.header.value("accepted", false)) return false;
+      size = reply.header["members"].size();
+      return true;
+    });
+    return size;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("averaging: a member that dies mid-round fails the round cleanly, and the next round succeeds") {
+  auto dhts = swarm(3);
+  std::vector<std::vector<at::Tensor>> tensors, before;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  for (std::size_t i = 0; i < 3; ++i) {
+    tensors.push_back(peer_tensors(static_cast<int>(20 + i)));
+    before.push_back(clones(tensors.back()));
+    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("dies", 4)));
+  }
+  auto fake = std::make_unique<FakeMember>(false);
+  auto joined = std::async(std::launch::async, [&] {
+    auto n = fake->join(*dhts[0], averagers[0]->group_key(), averaging::schema_hash(tensors[0]));
+    fake->rpc->close();  // dies as the round starts: its part is never averaged
+    return n;
+  });
+  auto results = step_all(averagers);
+  REQUIRE(joined.get() == 4);
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    CHECK(results[i].group_size == 4);
+    CHECK_FALSE(results[i].ok);
+    CHECK(max_abs_diff(tensors[i], before[i]) == 0);  // nothing half-written
+  }
+  // Without it, the survivors average normally.
+  auto again = step_all(averagers);
+  const auto mean = expected_mean(before, {1, 1, 1});
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", again[i].error);
+    REQUIRE(again[i].ok);
+    CHECK(again[i].group_size == 3);
+    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
+  }
+}
+
+TEST_CASE("averaging: a member that stalls without sending is left out after sender_timeout") {
+  auto dhts = swarm(3);
+  std::vector<std::vector<at::Tensor>> tensors, before;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  for (std::size_t i = 0; i < 3; ++i) {
+    tensors.push_back(peer_tensors(static_cast<int>(30 + i)));
+    before.push_back(clones(tensors.back()));
+    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("stalls", 4)));
+  }
+  FakeMember fake(true);  // client mode: it owns no part, so the others can finish without it
+  auto joined = std::async(std::launch::async, [&] {
+    return fake.join(*dhts[0], averagers[0]->group_key(), averaging::schema_hash(tensors[0]));
+  });
+  auto results = step_all(averagers);
+  REQUIRE(joined.get() == 4);
+  const auto mean = expected_mean(before, {1, 1, 1});
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    CHECK(results[i].group_size == 4);
+    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
+  }
+}
+
+TEST_CASE("averaging: a part request with bad fields gets an error and the peer keeps serving") {
+  auto dhts = swarm(2);
+  auto tensors = peer_tensors(1);
+  Averager averager(*dhts[0], tensors, fast("bad", 2));
+  net::Runtime runtime(1);
+  auto rpc = net::Rpc<net::Tcp>::create(runtime.executor());
+  const auto address = dhts[0]->visible_addresses().at(0);
+  Message no_fields;
+  no_fields.header = nlohmann::json::object();
+  CHECK_THROWS_AS(rpc->call(address, "avg.part", no_fields, Seconds(5)), RemoteError);
+  Message unknown_group;
+  unknown_group.header = {{"group", "nope"}, {"sender", 0}, {"chunk", 0}, {"weight", 1.0}};
+  add_tensors(unknown_group, {at::ones({4})});
+  CHECK_THROWS_AS(rpc->call(address, "avg.part", unknown_group, Seconds(10)), RemoteError);
+  Message bad_join;
+  bad_join.header = {{"key", 3}};
+  CHECK_THROWS_AS(rpc->call(address, "avg.join", bad_join, Seconds(5)), RemoteError);
+  Message state;
+  state.header = {{"offset", 0}};
+  CHECK_THROWS_AS(rpc->call(address, "avg.state", state, Seconds(5)), RemoteError);  // shares no state
+  rpc->close();
+  // Still averaging.
+  auto other = peer_tensors(2);
+  Averager second(*dhts[1], other, fast("bad", 2));
+  auto a = averager.step_async();
+  auto b = second.step();
+  CHECK(a.get().ok);
+  CHECK(b.ok);
+}
+
+namespace {
+
+torch::nn::Sequential small_model(int seed) {
+  torch::manual_seed(seed);
+  return torch::nn::Sequential(torch::nn::Linear(784, 64), torch::nn::ReLU(), torch::nn::Linear(64, 10));
+}
+
+double accuracy(torch::nn::Sequential& model, const examples::Dataset& test) {
+  torch::NoGradGuard no_grad;
+  auto predicted = model->forward(test.images).argmax(1);
+  return predicted.eq(test.labels).to(at::kFloat).mean().item<double>() * 100;
+}
+
+}  // namespace
+
+TEST_CASE("averaging: load_state_from_peers yields identical parameters, optimizer state and step") {
+  auto dhts = swarm(2);
+  auto data = examples::load_fashion_mnist(true, 512);
+  auto a_model = small_model(1);
+  torch::optim::SGD a_sgd(a_model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  auto options = optim::DecentralizedOptions().prefix("state").target_group_size(2);
+  options.averager().matchmaking_time(Seconds(0.3));
+  optim::DecentralizedOptimizer a_opt(a_sgd, *dhts[0], options);
+  for (int i = 0; i < 16; ++i) {
+    a_opt.zero_grad();
+    auto x = data.images.slice(0, i * 32, (i + 1) * 32);
+    auto y = data.labels.slice(0, i * 32, (i + 1) * 32);
+    torch::nn::functional::cross_entropy(a_model->forward(x), y).backward();
+    a_opt.step();
+  }
+  auto b_model = small_model(2);
+  torch::optim::SGD b_sgd(b_model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  optim::DecentralizedOptimizer b_opt(b_sgd, *dhts[1], options);
+  // A's announcement is stored in the background when it starts sharing.
+  REQUIRE(test::wait_for([&] { return b_opt.load_state_from_peers(Seconds(10)); }));
+  CHECK(b_opt.local_step() == 16);
+  const auto a_params = a_model->parameters();
+  const auto b_params = b_model->parameters();
+  REQUIRE(a_params.size() == b_params.size());
+  for (std::size_t i = 0; i < a_params.size(); ++i) {
+    CHECK(at::equal(a_params[i], b_params[i]));
+    auto& a_state = static_cast<torch::optim::SGDParamState&>(
+        *a_sgd.state().at(c10::guts::to_string(a_params[i].unsafeGetTensorImpl())));
+    auto& b_state = static_cast<torch::optim::SGDParamState&>(
+        *b_sgd.state().at(c10::guts::to_string(b_params[i].unsafeGetTensorImpl())));
+    CHECK(at::equal(a_state.momentum_buffer(), b_state.momentum_buffer()));
+  }
+}
+
+TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fashion-MNIST at equal total samples") {
+  at::set_num_threads(1);
+  constexpr std::int64_t total = 12000, batch = 32, peers = 4;
+  constexpr int epochs = 5;
+  auto train = examples::load_fashion_mnist(true, total);
+  auto test = examples::load_fashion_mnist(false, 2000);
+  const auto sgd_options = torch::optim::SGDOptions(0.01).momentum(0.9);
+
+  // The baseline: one peer, every sample.
+  auto baseline = small_model(7);
+  {
+    torch::optim::SGD sgd(baseline->parameters(), sgd_options);
+    for (int e = 0; e < epochs; ++e)
+      for (std::int64_t b = 0; b < total; b += batch) {
+        sgd.zero_grad();
+        torch::nn::functional::cross_entropy(baseline->forward(train.images.slice(0, b, b + batch)),
+                                             train.labels.slice(0, b, b + batch))
+            .backward();
+        sgd.step();
+      }
+  }
+  const double baseline_accuracy = accuracy(baseline, test);
+
+  // The swarm: four peers, a quarter of the samples each, averaging every 10 steps.
+  auto dhts = swarm(peers);
+  std::vector<double> accuracies(peers);
+  std::vector<optim::DecentralizedStats> stats(peers);
+  std::vector<std::thread> threads;
+  std::latch trained(peers);
+  for (std::int64_t p = 0; p < peers; ++p)
+    threads.emplace_back([&, p] {
+      auto model = small_model(7);
+      torch::optim::SGD sgd(model->parameters(), sgd_options);
+      auto options = optim::DecentralizedOptions().prefix("fmnist").target_group_size(peers).averaging_steps_period(10);
+      options.averager().matchmaking_time(Seconds(2));
+      optim::DecentralizedOptimizer opt(sgd, *dhts[static_cast<std::size_t>(p)], options);
+      const std::int64_t shard = total / peers;
+      int step = 0;
+      for (int e = 0; e < epochs; ++e)
+        for (std::int64_t b = p * shard; b < (p + 1) * shard; b += batch) {
+          opt.zero_grad();
+          torch::nn::functional::cross_entropy(model->forward(train.images.slice(0, b, b + batch)),
+                                               train.labels.slice(0, b, b + batch))
+              .backward();
+          opt.step();
+          if (++step % 10 == 0) opt.wait_for_round(Seconds(10));
+        }
+      // Peers finish at different times; a last round together leaves them all with the average.
+      trained.arrive_and_wait();
+      auto last = opt.average_now();
+      CHECK(last.ok);
+      accuracies[static_cast<std::size_t>(p)] = accuracy(model, test);
+      stats[static_cast<std::size_t>(p)] = opt.stats();
+      opt.shutdown();
+    });
+  for (auto& t : threads) t.join();
+  MESSAGE("single peer: ", baseline_accuracy, "%");
+  for (std::size_t p = 0; p < accuracies.size(); ++p) {
+    MESSAGE("peer ", p, ": ", accuracies[p], "% after ", stats[p].averaged, " of ", stats[p].rounds, " rounds averaged, last group ", stats[p].last_group_size);
+    CHECK(stats[p].averaged >= stats[p].rounds / 2);
+    CHECK(accuracies[p] >= baseline_accuracy - 2.0);
+  }
+}
