@@ -72,8 +72,10 @@ struct DecentralizedStats {
 /// for (...) { opt.zero_grad(); loss.backward(); opt.step(); }
 /// @endcode
 /// @par Thread safety
-/// step(), zero_grad() and load_state_from_peers() belong to the training thread. The wrapped
-/// optimizer and the DHT must outlive this object.
+/// step(), zero_grad(), average_now(), wait_for_round() and load_state_from_peers() belong to
+/// the training thread. The wrapped optimizer and the DHT must outlive this object. (Internally:
+/// nothing waits for the DHT's io thread while holding the state lock, because sharing the
+/// state takes that lock on the io thread.)
 template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, averaging::Strategy A = averaging::Butterfly>
 class DecentralizedOptimizer {
  public:
@@ -195,9 +197,10 @@ class DecentralizedOptimizer {
       busy.error = "a background round is still running";
       return busy;
     }
-    std::lock_guard state_lock(state_mutex_);
-    at::NoGradGuard no_grad;
+    // The state lock is not held while the round runs: a peer downloading this one's state
+    // takes it on the DHT's io thread, which the round needs.
     {
+      std::lock_guard state_lock(state_mutex_);
       std::lock_guard tensors_lock(averager_->tensors_mutex());
       copy_to_buffers();
     }
@@ -206,7 +209,9 @@ class DecentralizedOptimizer {
     auto r = averager_->step(1.0, nlohmann::json{{"step", step}});
     log_result(r);
     if (r.ok) {
+      std::lock_guard state_lock(state_mutex_);
       std::lock_guard tensors_lock(averager_->tensors_mutex());
+      at::NoGradGuard no_grad;
       std::size_t b = 0;
       for (auto& p : params_) {
         if (options_.average_parameters()) p.detach().copy_(buffers_[b++]);
