@@ -430,3 +430,38 @@ TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fas
     CHECK(accuracies[p] >= baseline_accuracy - 2.0);
   }
 }
+
+#ifdef HIVE_AVERAGING_PEER
+#include "../common/child_process.hpp"
+
+TEST_CASE("averaging: two averaging_peer programs, the second joining the first, average and report accuracy") {
+  const std::vector<std::string> common{"--train_samples", "4000", "--test_samples", "500",    "--epochs",
+                                        "2",               "--target_group_size", "2", "--averaging_period", "10",
+                                        "--matchmaking_time", "2", "--prefix", "ctest_pair"};
+  auto args = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv{HIVE_AVERAGING_PEER};
+    argv.insert(argv.end(), common.begin(), common.end());
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return argv;
+  };
+  test::ChildProcess first(args({"--shard", "0/2"}));
+  auto line = first.read_until("--initial_peers ", 60s);
+  REQUIRE(line);
+  const auto address = line->substr(line->find("--initial_peers ") + 16);
+  test::ChildProcess second(args({"--shard", "1/2", "--initial_peers", address}));
+  std::string first_out, second_out;
+  const auto second_status = second.wait_exit(120s, &second_out);
+  const auto first_status = first.wait_exit(120s, &first_out);
+  REQUIRE(first_status.has_value());
+  REQUIRE(second_status.has_value());
+  CHECK(WIFEXITED(*first_status));
+  CHECK(WEXITSTATUS(*first_status) == 0);
+  CHECK(WIFEXITED(*second_status));
+  CHECK(WEXITSTATUS(*second_status) == 0);
+  INFO(second_out);
+  CHECK(second_out.find("Loaded the swarm's state from a peer") != std::string::npos);
+  CHECK(second_out.find("(last group 2)") != std::string::npos);  // it averaged with the first
+  CHECK(second_out.find("test accuracy:") != std::string::npos);
+  CHECK(first_out.find("test accuracy:") != std::string::npos);
+}
+#endif

@@ -277,3 +277,31 @@ TEST_CASE("cifar10 rejects missing files, truncated files and bad labels with hi
     CHECK(load_cifar10(dir.str(), false, 2).labels.size(0) == 2);  // the records before it are fine
   }
 }
+
+#ifdef HIVE_AVERAGING_PEER
+#include <cstdlib>
+#include <sstream>
+
+TEST_CASE("cifar10: the averaging peer trains on a directory in CIFAR-10's format") {
+  TempDir dir;
+  write_file(dir.path / "data_batch_1.bin", batch_bytes(1, 96));
+  write_file(dir.path / "test_batch.bin", batch_bytes(2, 40));
+  const auto log = dir.path / "peer.log";
+  const auto command = fmt::format("{} --alone --data_dir {} --train_samples 0 --test_samples 0 --epochs 1 --batch 16 > {}",
+                                   HIVE_AVERAGING_PEER, dir.str(), log.string());
+  CHECK(std::system(command.c_str()) == 0);
+  std::ifstream in(log);
+  std::stringstream text;
+  text << in.rdbuf();
+  CHECK(text.str().find("CIFAR-10: training on 96 samples") != std::string::npos);
+  CHECK(text.str().find("test accuracy:") != std::string::npos);
+  // A directory without CIFAR-10's files is refused with a clear message, not misread.
+  const auto missing = fmt::format("{} --alone --data_dir {} 2> {}", HIVE_AVERAGING_PEER, (dir.path / "none").string(),
+                                   log.string());
+  CHECK(std::system(missing.c_str()) != 0);
+  std::ifstream err(log);
+  std::stringstream message;
+  message << err.rdbuf();
+  CHECK(message.str().find("does not hold CIFAR-10's binary files") != std::string::npos);
+}
+#endif

@@ -373,7 +373,7 @@ class DecentralizedAverager {
           continue;
         Candidate c{*a, v.value["deadline"].template get<double>()};
         if (c.deadline <= now) continue;
-        if (v.value.value("schema", std::string()) != schema) continue;
+        if (v.value.value("schema", std::string()) != schema || !v.value.value("looking", true)) continue;
         // Join only peers that rank before this one, so that no two peers wait on each other.
         if (!client_mode && std::tie(c.deadline, c.address) >= std::tie(my_deadline_wall, address)) continue;
         out.push_back(std::move(c));
@@ -448,7 +448,7 @@ class DecentralizedAverager {
         if (!stored.at(0)) log::debug("averaging", "announcing {} under {} reached no replica", address, key);
       }
       std::set<std::string> refused;
-      const auto poll = to_duration(std::min(Seconds(0.5), options.matchmaking_time() / 10));
+      const auto poll = to_duration(std::min(Seconds(0.2), options.matchmaking_time() / 10));
       std::string last_reason;
       while (!closed && SteadyClock::now() < end && group_members() < options.target_group_size()) {
         // Even a peer that already leads followers asks better-ranked leaders, bringing its
@@ -506,6 +506,24 @@ class DecentralizedAverager {
       co_return g;
     }
 
+    // Overwrites this peer's announcement under the group key with "not looking" (a record
+    // that expires a moment later wins), so that others stop asking it; in the background.
+    void withdraw() {
+      if (client_mode || my_deadline_wall <= wall_time()) return;
+      std::vector<dht::StoreItem> items{{Id160::of(keys.group_key()), dht::Subkey(address),
+                                         nlohmann::json::to_msgpack(nlohmann::json{{"looking", false}}),
+                                         my_deadline_wall + 1e-3}};
+      auto op = [self = this->shared_from_this(), items = std::move(items)]() mutable -> asio::awaitable<void> {
+        try {
+          auto store = self->node->store_many(std::move(items));
+          co_await std::move(store);
+        } catch (const std::exception& e) {
+          log::debug("averaging", "withdrawing the group announcement failed: {}", e.what());
+        }
+      };
+      asio::co_spawn(rpc->get_executor(), std::move(op), asio::detached);
+    }
+
     // ----- one step -----
 
     asio::awaitable<StepResult> round(double weight, nlohmann::json gathered) {
@@ -531,6 +549,7 @@ class DecentralizedAverager {
       std::string why;
       auto mm = matchmake(deadline_after(options.matchmaking_time()), std::move(gathered), why);
       auto group = co_await std::move(mm);
+      withdraw();
       const auto matched = SteadyClock::now();
       result.matchmaking_s = std::chrono::duration<double>(matched - started).count();
       if (!group) {
