@@ -431,6 +431,42 @@ TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fas
   }
 }
 
+TEST_CASE("averaging: the same Trainer code over the emulated network (latency 5-20 ms)") {
+  net::Runtime runtime;
+  auto network = net::SimNetwork::create(
+      runtime.executor(), net::SimNetwork::Options().seed(3).min_latency(Seconds(0.005)).max_latency(Seconds(0.02)));
+  auto sim = [&] { return net::SimulatedOptions().network(network); };
+  auto options = [&](std::vector<std::string> peers) {
+    auto o = TrainerOptions().dht(DHTOptions().listen_on("127.0.0.1:0").initial_peers(std::move(peers)));
+    o.optimizer().prefix("emulated").target_group_size(2).averager().matchmaking_time(Seconds(3));
+    return o;
+  };
+  auto a_model = torch::nn::Linear(8, 1);
+  auto b_model = torch::nn::Linear(8, 1);
+  torch::optim::SGD a_sgd(a_model->parameters(), torch::optim::SGDOptions(0.1));
+  torch::optim::SGD b_sgd(b_model->parameters(), torch::optim::SGDOptions(0.1));
+  Trainer<net::Simulated> a(a_sgd, options({}), sim());
+  CHECK(a.address().starts_with("sim-"));
+  Trainer<net::Simulated> b(b_sgd, options({a.address()}), sim());
+  auto train = [](auto& trainer, auto& model, int seed) {
+    at::manual_seed(seed);
+    for (int i = 0; i < 5; ++i) {
+      trainer.zero_grad();
+      model->forward(at::randn({4, 8})).pow(2).mean().backward();
+      trainer.step();
+    }
+    return trainer.optimizer().average_now();
+  };
+  auto b_done = std::async(std::launch::async, [&] { return train(b, b_model, 2); });
+  auto a_result = train(a, a_model, 1);
+  auto b_result = b_done.get();
+  INFO(a_result.error, " / ", b_result.error);
+  REQUIRE(a_result.ok);
+  REQUIRE(b_result.ok);
+  CHECK(at::equal(a_model->weight, b_model->weight));
+  CHECK(at::equal(a_model->bias, b_model->bias));
+}
+
 #ifdef HIVE_AVERAGING_PEER
 #include "../common/child_process.hpp"
 
