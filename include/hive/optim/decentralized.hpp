@@ -118,13 +118,6 @@ class DecentralizedOptimizer {
     inner_.step();
     ++stats_.local_step;
     if (options_.average_parameters()) apply_finished(/*gradients=*/false);
-    {
-      std::lock_guard lock(mutex_);
-      if (result_ready_) {
-        result_ready_ = false;
-        sent_.clear();
-      }
-    }
     maybe_start_round();
   }
 
@@ -170,7 +163,8 @@ class DecentralizedOptimizer {
     std::lock_guard lock(mutex_);
     return round_requested_ || round_running_;
   }
-  /// Waits until no round runs (or `timeout`), then applies a finished one; true when idle.
+  /// Waits until no round runs (or `timeout`), then applies a finished round's parameters
+  /// (averaged gradients wait for the next step()); true when idle.
   bool wait_for_round(Seconds timeout) {
     {
       std::unique_lock lock(mutex_);
@@ -178,12 +172,7 @@ class DecentralizedOptimizer {
     }
     std::lock_guard state_lock(state_mutex_);
     at::NoGradGuard no_grad;
-    if (options_.average_parameters()) apply_finished(false);
-    std::lock_guard lock(mutex_);
-    if (result_ready_) {
-      result_ready_ = false;
-      sent_.clear();
-    }
+    apply_finished(false);
     return true;
   }
 
@@ -201,6 +190,8 @@ class DecentralizedOptimizer {
     // takes it on the DHT's io thread, which the round needs.
     {
       std::lock_guard state_lock(state_mutex_);
+      at::NoGradGuard no_grad;
+      apply_finished(true);  // the last round's gradients, before the buffers are reused
       std::lock_guard tensors_lock(averager_->tensors_mutex());
       copy_to_buffers();
     }
@@ -245,10 +236,13 @@ class DecentralizedOptimizer {
   }
 
  private:
-  // p += average - sent, for the parameters or the gradients, once a round finished.
+  // p += average - sent, for the parameters or the gradients, once per finished round.
   void apply_finished(bool gradients) {
     std::lock_guard lock(mutex_);
-    if (!result_ready_ || !result_ok_) return;
+    bool& pending = gradients ? grads_pending_ : params_pending_;
+    if (!pending) return;
+    pending = false;
+    if (!params_pending_ && !grads_pending_) result_ready_ = false;
     std::lock_guard tensors_lock(averager_->tensors_mutex());
     std::size_t b = 0;
     for (auto& p : params_) {
@@ -328,8 +322,9 @@ class DecentralizedOptimizer {
       log_result(r);
       lock.lock();
       round_running_ = false;
-      result_ready_ = true;
-      result_ok_ = r.ok;
+      params_pending_ = r.ok && options_.average_parameters();
+      grads_pending_ = r.ok && options_.average_gradients();
+      result_ready_ = params_pending_ || grads_pending_;
       if (r.ok) {
         ++stats_.averaged;
         stats_.last_group_size = r.group_size;
@@ -366,7 +361,9 @@ class DecentralizedOptimizer {
   DecentralizedStats stats_;
   std::size_t last_round_step_ = 0;
   SteadyClock::time_point last_round_time_{};
-  bool round_requested_ = false, round_running_ = false, result_ready_ = false, result_ok_ = false, stopped_ = false;
+  // result_ready_: a finished round whose averages are not all applied yet (new rounds wait).
+  bool round_requested_ = false, round_running_ = false, result_ready_ = false, stopped_ = false;
+  bool params_pending_ = false, grads_pending_ = false;
   std::thread worker_;
 };
 
