@@ -164,6 +164,12 @@ TEST_CASE("averaging: no partner means no change and a clear reason") {
   CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("", 4)), InvalidArgument);
   CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("x", 4).min_group_size(5)), InvalidArgument);
   CHECK_THROWS_AS(averager.step(-1.0), InvalidArgument);
+  // One averager per DHT peer; once it stops, another may take the peer.
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("second", 4)), InvalidArgument);
+  averager.shutdown();
+  CHECK_FALSE(averager.step().ok);
+  Averager replacement(*dhts[0], tensors, fast("second", 4));
+  CHECK(replacement.group_key() == "second.0b");
 }
 
 TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing") {

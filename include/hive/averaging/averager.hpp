@@ -98,10 +98,12 @@ struct State {
 ///
 /// step() looks for a group (matchmaking) and averages with it:
 /// - Peers announce themselves under the group key `prefix.0b<bits>` with their matchmaking
-///   deadline. A peer asks the peers that rank before it (earlier deadline, then address) to
-///   take it as a follower; the first to accept becomes its leader. A peer that nobody takes
-///   collects followers itself; it starts the round when it has target_group_size members, or
-///   when its matchmaking time ends with at least min_group_size.
+///   deadline. Every looking peer accepts followers, and asks the peers that rank before it
+///   (earlier deadline, then address) to take it — together with the followers it already
+///   has, so that groups formed around different peers merge. The best-ranked peer reached
+///   leads: it starts the round when it has target_group_size members, or when its
+///   matchmaking time ends with at least min_group_size. When matchmaking ends a peer
+///   overwrites its announcement with "not looking".
 /// - The group then runs the Strategy's all-reduce (butterfly by default). The tensors change
 ///   only when the whole average came back: a member that dies or stalls makes the round fail
 ///   (or, as a sender only, be left out after sender_timeout), never leaves a tensor
@@ -123,7 +125,8 @@ struct State {
 /// @endcode
 /// @par Thread safety
 /// step(), load_state_from_peers() and the accessors may be called from any thread except the
-/// DHT's io threads; one step at a time. The averaged tensors are written in place under
+/// DHT's io threads; one step at a time. One averager per DHT peer (the constructor throws
+/// hive::InvalidArgument for a second one while the first runs). The averaged tensors are written in place under
 /// tensors_mutex(): hold it while reading or changing them from other threads.
 template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, Strategy A = Butterfly>
 class DecentralizedAverager {
@@ -183,7 +186,8 @@ class DecentralizedAverager {
     detail::run_blocking_on(core->rpc->get_executor(), [&] { core->provider = std::move(provider); });
     core->declare_state_now();
   }
-  /// Changes the priority announced with the shared state (higher is preferred by newcomers).
+  /// Changes the priority announced with the shared state (higher is preferred by newcomers);
+  /// it reaches the DHT with the next re-announcement (every declare_state_period).
   void set_state_priority(double priority) noexcept { core_->priority.store(priority); }
 
   /// Downloads the state of the sharing peer with the highest priority (trying the next one
@@ -260,9 +264,12 @@ class DecentralizedAverager {
           co_return co_await body(self, std::move(ctx), std::move(m));
         };
       };
-      rpc->add_handler(std::string(join_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
-                         return self->serve_join(std::move(m));
-                       }));
+      // One averager per peer: the methods are the peer's, and a second averager would
+      // silently take over the first one's rounds.
+      const bool fresh = rpc->try_add_handler(std::string(join_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+        return self->serve_join(std::move(m));
+      }));
+      HIVE_CHECK(fresh, "this DHT peer already runs an averager: use one DHT peer per averager");
       rpc->add_handler(std::string(part_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
                          return self->runner->serve(std::move(m), self->settings);
                        }));
@@ -274,6 +281,7 @@ class DecentralizedAverager {
     void close() {
       if (closed) return;
       closed = true;
+      for (auto method : {join_method, part_method, state_method}) rpc->remove_handler(std::string(method));
       declare_timer.cancel();
       changed.notify_all();
       for (auto& w : waiters) {
@@ -551,6 +559,7 @@ class DecentralizedAverager {
       auto group = co_await std::move(mm);
       withdraw();
       const auto matched = SteadyClock::now();
+      if (group) log::debug("averaging", "{}: {} all-reduce in a group of {}", keys.group_key(), A::name, group->size());
       result.matchmaking_s = std::chrono::duration<double>(matched - started).count();
       if (!group) {
         result.error = why;

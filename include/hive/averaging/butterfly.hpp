@@ -43,14 +43,15 @@ struct AllReduceSettings {
 
 /// The all-reduce policy of DecentralizedAverager (the `averaging::Strategy` slot of Trainer).
 ///
-/// A Strategy names itself and provides `Runner<T>`, built on a peer's net::Rpc<T>, with
-/// `run(group, flat, weight, settings)` (awaitable: the group's weighted average of `flat`),
-/// `serve(request, settings)` (the handler of part_method) and `close()`.
+/// A Strategy names itself (`A::name`, in debug logs) and provides `Runner<T>`, constructible
+/// from a peer's `std::shared_ptr<net::Rpc<T>>`, with `run(group, flat, weight, settings)`
+/// (awaitable: the group's weighted average of `flat`), `serve(request, settings)` (the
+/// handler of part_method) and `close()`. The concept checks Runner<net::Tcp>.
 template <class A>
 concept Strategy = requires {
   { A::name } -> std::convertible_to<std::string_view>;
   typename A::template Runner<net::Tcp>;
-} && requires(typename A::template Runner<net::Tcp>& r, const GroupInfo& g, at::Tensor t, double w,
+} && std::constructible_from<typename A::template Runner<net::Tcp>, std::shared_ptr<net::Rpc<net::Tcp>>> && requires(typename A::template Runner<net::Tcp>& r, const GroupInfo& g, at::Tensor t, double w,
               const AllReduceSettings& s, Message m) {
   { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<at::Tensor>>;
   { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;

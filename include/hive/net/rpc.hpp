@@ -140,6 +140,18 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     handlers_[std::move(method)] = std::move(handler);
   }
 
+  /// Registers the handler of `method` unless one is registered; false when one was.
+  bool try_add_handler(std::string method, Handler handler) {
+    std::lock_guard lock(mutex_);
+    return handlers_.try_emplace(std::move(method), std::move(handler)).second;
+  }
+
+  /// Unregisters the handler of `method` (later calls get errc::unknown_method).
+  void remove_handler(const std::string& method) {
+    std::lock_guard lock(mutex_);
+    handlers_.erase(method);
+  }
+
   /// Registers a typed handler `f(CallContext, Request) -> awaitable<Response>`.
   template <class Request, class Response, class F>
   void serve(Method<Request, Response> method, F f) {

@@ -121,11 +121,12 @@ class DecentralizedOptimizer {
     maybe_start_round();
   }
 
-  /// Zeroes (sets to none) the wrapped optimizer's gradients.
+  /// Zeroes the wrapped optimizer's gradients (its own zero_grad()).
   void zero_grad() { inner_.zero_grad(); }
 
   /// Downloads parameters, optimizer state and step counter from the best peer; false when no
-  /// peer shares a state. Throws hive::Error when the state does not fit this optimizer.
+  /// peer shares a state. Throws hive::InvalidArgument when the state does not fit this
+  /// optimizer (another parameter count or shape), c10::Error for an unreadable optimizer state.
   bool load_state_from_peers(Seconds timeout = Seconds(60)) {
     auto state = averager_->load_state_from_peers(timeout);
     if (!state) return false;
