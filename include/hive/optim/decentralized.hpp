@@ -116,7 +116,10 @@ class DecentralizedOptimizer {
     at::NoGradGuard no_grad;
     if (options_.average_gradients()) apply_finished(/*gradients=*/true);
     inner_.step();
-    ++stats_.local_step;
+    {
+      std::lock_guard lock(mutex_);  // the state provider reads the step on the io thread
+      ++stats_.local_step;
+    }
     if (options_.average_parameters()) apply_finished(/*gradients=*/false);
     maybe_start_round();
   }
@@ -143,8 +146,11 @@ class DecentralizedOptimizer {
     archive.load_from(in);
     inner_.load(archive);
     std::lock_guard lock(mutex_);
-    stats_.local_step = state->metadata.value("step", std::size_t{0});
+    const nlohmann::json step = state->metadata.is_object() ? state->metadata.value("step", nlohmann::json(0)) : nlohmann::json(0);
+    stats_.local_step = step.is_number_unsigned() ? step.template get<std::size_t>() : 0;
     last_round_step_ = stats_.local_step;
+    // A round that finished before the download averaged the old parameters: drop it.
+    params_pending_ = grads_pending_ = result_ready_ = false;
     return true;
   }
 
