@@ -35,6 +35,8 @@
 
 #include <hive/averaging/averager.hpp>
 
+#include "common/machine.hpp"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
@@ -59,6 +61,8 @@
 #include <vector>
 
 namespace {
+
+using namespace hive::bench;  // loaded_blas, load_average, machine_busy_seconds, cpu_seconds
 
 using Clock = std::chrono::steady_clock;
 using Averager = hive::averaging::DecentralizedAverager<>;
@@ -179,44 +183,6 @@ Args parse(int argc, char** argv) {
 }
 
 // ---- machine -----------------------------------------------------------------------------------
-
-// The BLAS libraries mapped into this process (as benchmark_throughput reports them).
-std::string loaded_blas() {
-  std::ifstream maps("/proc/self/maps");
-  std::set<std::string> found;
-  for (std::string line; std::getline(maps, line);) {
-    const auto slash = line.find('/');
-    if (slash == std::string::npos) continue;
-    const auto path = line.substr(slash);
-    const auto file = path.substr(path.rfind('/') + 1);
-    if (file.find("blas") != std::string::npos || file.find("mkl_rt") != std::string::npos) found.insert(path);
-  }
-  std::string out;
-  for (const auto& f : found) out += (out.empty() ? "" : ",") + f;
-  return out.empty() ? "none found" : out;
-}
-
-double load_average() {
-  double l = 0;
-  std::ifstream("/proc/loadavg") >> l;
-  return l;
-}
-
-// CPU seconds the whole machine has spent busy, from /proc/stat.
-double machine_busy_seconds() {
-  std::ifstream stat("/proc/stat");
-  std::string cpu;
-  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-  stat >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
-  return (user + nice + system + irq + softirq + steal) / static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
-
-double cpu_seconds() {
-  rusage r{};
-  getrusage(RUSAGE_SELF, &r);
-  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_usec); };
-  return s(r.ru_utime) + s(r.ru_stime);
-}
 
 double max_rss_mib() {
   rusage r{};

@@ -18,6 +18,8 @@
 
 #include <hive/moe/remote_expert.hpp>
 
+#include "common/machine.hpp"
+
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -58,6 +60,8 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+using namespace hive::bench;  // loaded_blas, load_average, machine_busy_seconds, cpu_seconds
 
 // ---- presets and flags -----------------------------------------------------------------------
 
@@ -204,34 +208,10 @@ double context_switches() {
   return static_cast<double>(r.ru_nvcsw + r.ru_nivcsw);
 }
 
-double cpu_seconds() {
-  rusage r{};
-  getrusage(RUSAGE_SELF, &r);
-  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_usec); };
-  return s(r.ru_utime) + s(r.ru_stime);
-}
-
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
-}
-
-// The BLAS libraries mapped into this process (libtorch calls whatever libblas.so.3 the system
-// selects; the reference BLAS is ~20x slower than OpenBLAS here).
-std::string loaded_blas() {
-  std::ifstream maps("/proc/self/maps");
-  std::set<std::string> found;
-  for (std::string line; std::getline(maps, line);) {
-    const auto slash = line.find('/');
-    if (slash == std::string::npos) continue;
-    const auto path = line.substr(slash);
-    const auto file = path.substr(path.rfind('/') + 1);
-    if (file.find("blas") != std::string::npos || file.find("mkl_rt") != std::string::npos) found.insert(path);
-  }
-  std::string out;
-  for (const auto& f : found) out += (out.empty() ? "" : ",") + f;
-  return out.empty() ? "none found" : out;
 }
 
 // OpenBLAS's own thread count (libtorch's GEMMs run on OpenBLAS threads, not torch's), or 0.
@@ -239,21 +219,6 @@ int blas_threads() {
   using Get = int (*)();
   auto get = reinterpret_cast<Get>(::dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
   return get ? get() : 0;
-}
-
-// CPU seconds that the whole machine has spent busy (all processes, all cores), from /proc/stat.
-double machine_busy_seconds() {
-  std::ifstream stat("/proc/stat");
-  std::string cpu;
-  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-  stat >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
-  return (user + nice + system + irq + softirq + steal) / static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
-
-double load_average() {
-  double l = 0;
-  std::ifstream("/proc/loadavg") >> l;
-  return l;
 }
 
 // Dies with the parent, so that a killed benchmark leaves no server or client behind.

@@ -87,29 +87,44 @@ std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
-/// Averages `n` peers' tensors once and checks that every peer holds the weighted mean.
-void check_group_average(std::size_t n, std::vector<double> weights, Compression compression, double tolerance) {
-  auto dhts = swarm(n);
+/// Averagers on the given DHT peers, peer i holding peer_tensors(first_seed + i), with a copy
+/// of what each held before.
+struct Peers {
+  std::vector<std::unique_ptr<DHT>> dhts;
   std::vector<std::vector<at::Tensor>> tensors, before;
   std::vector<std::unique_ptr<Averager>> averagers;
-  for (std::size_t i = 0; i < n; ++i) {
-    tensors.push_back(peer_tensors(static_cast<int>(i)));
-    before.push_back(clones(tensors.back()));
-    averagers.push_back(std::make_unique<Averager>(
-        *dhts[i], tensors.back(), fast("avg" + std::to_string(n), n).compression(compression).part_size_bytes(1024)));
+
+  Peers(std::vector<std::unique_ptr<DHT>> peers, int first_seed, const AveragerOptions& options) : dhts(std::move(peers)) {
+    for (std::size_t i = 0; i < dhts.size(); ++i) {
+      tensors.push_back(peer_tensors(first_seed + static_cast<int>(i)));
+      before.push_back(clones(tensors.back()));
+      averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), options));
+    }
   }
-  if (weights.empty()) weights.assign(n, 1.0);
-  auto results = step_all(averagers, weights);
-  const auto mean = expected_mean(before, weights);
-  for (std::size_t i = 0; i < n; ++i) {
+};
+
+/// Checks that every step averaged in a group of `group_size` and left `mean` behind.
+void check_averaged(const std::vector<StepResult>& results, const Peers& peers, const std::vector<at::Tensor>& mean,
+                    std::size_t group_size, double tolerance = 1e-6) {
+  for (std::size_t i = 0; i < results.size(); ++i) {
     INFO("peer ", i, ": ", results[i].error);
     REQUIRE(results[i].ok);
-    CHECK(results[i].group_size == n);
+    CHECK(results[i].group_size == group_size);
+    CHECK(max_abs_diff(peers.tensors[i], mean) <= tolerance);
+  }
+}
+
+/// Averages `n` peers' tensors once and checks that every peer holds the weighted mean.
+void check_group_average(std::size_t n, std::vector<double> weights, Compression compression, double tolerance) {
+  Peers peers(swarm(n), 0, fast("avg" + std::to_string(n), n).compression(compression).part_size_bytes(1024));
+  if (weights.empty()) weights.assign(n, 1.0);
+  auto results = step_all(peers.averagers, weights);
+  check_averaged(results, peers, expected_mean(peers.before, weights), n, tolerance);
+  for (std::size_t i = 0; i < n; ++i) {
     CHECK(results[i].gathered.size() == n);
-    CHECK(max_abs_diff(tensors[i], mean) <= tolerance);
     // Every member decodes the same encoded averages: the peers end bit-for-bit equal.
-    for (std::size_t t = 0; t < tensors[i].size(); ++t) CHECK(at::equal(tensors[i][t], tensors[0][t]));
-    CHECK((tensors[i][1].scalar_type() == at::kDouble));
+    for (std::size_t t = 0; t < peers.tensors[i].size(); ++t) CHECK(at::equal(peers.tensors[i][t], peers.tensors[0][t]));
+    CHECK((peers.tensors[i][1].scalar_type() == at::kDouble));
   }
 }
 
@@ -175,22 +190,10 @@ TEST_CASE("averaging: no partner means no change and a clear reason") {
 TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing") {
   auto dhts = swarm(2);
   dhts.push_back(std::make_unique<DHT>(DHTOptions().client_mode(true).initial_peers(dhts[0]->visible_addresses())));
-  std::vector<std::vector<at::Tensor>> tensors, before;
-  std::vector<std::unique_ptr<Averager>> averagers;
-  for (std::size_t i = 0; i < 3; ++i) {
-    tensors.push_back(peer_tensors(static_cast<int>(10 + i)));
-    before.push_back(clones(tensors.back()));
-    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("client", 3)));
-  }
-  CHECK(averagers[2]->client_mode());
-  auto results = step_all(averagers);
-  const auto mean = expected_mean(before, {1, 1, 1});
-  for (std::size_t i = 0; i < 3; ++i) {
-    INFO("peer ", i, ": ", results[i].error);
-    REQUIRE(results[i].ok);
-    CHECK(results[i].group_size == 3);
-    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
-  }
+  Peers peers(std::move(dhts), 10, fast("client", 3));
+  CHECK(peers.averagers[2]->client_mode());
+  auto results = step_all(peers.averagers);
+  check_averaged(results, peers, expected_mean(peers.before, {1, 1, 1}), 3);
 }
 
 namespace {
@@ -240,61 +243,34 @@ struct FakeMember {
 }  // namespace
 
 TEST_CASE("averaging: a member that dies mid-round fails the round cleanly, and the next round succeeds") {
-  auto dhts = swarm(3);
-  std::vector<std::vector<at::Tensor>> tensors, before;
-  std::vector<std::unique_ptr<Averager>> averagers;
-  for (std::size_t i = 0; i < 3; ++i) {
-    tensors.push_back(peer_tensors(static_cast<int>(20 + i)));
-    before.push_back(clones(tensors.back()));
-    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("dies", 4)));
-  }
+  Peers peers(swarm(3), 20, fast("dies", 4));
   auto fake = std::make_unique<FakeMember>(false);
   auto joined = std::async(std::launch::async, [&] {
-    auto n = fake->join(*dhts[0], averagers[0]->group_key(), averaging::schema_hash(tensors[0]));
+    auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
     fake->rpc->close();  // dies as the round starts: its part is never averaged
     return n;
   });
-  auto results = step_all(averagers);
+  auto results = step_all(peers.averagers);
   REQUIRE(joined.get() == 4);
   for (std::size_t i = 0; i < 3; ++i) {
     INFO("peer ", i, ": ", results[i].error);
     CHECK(results[i].group_size == 4);
     CHECK_FALSE(results[i].ok);
-    CHECK(max_abs_diff(tensors[i], before[i]) == 0);  // nothing half-written
+    CHECK(max_abs_diff(peers.tensors[i], peers.before[i]) == 0);  // nothing half-written
   }
   // Without it, the survivors average normally.
-  auto again = step_all(averagers);
-  const auto mean = expected_mean(before, {1, 1, 1});
-  for (std::size_t i = 0; i < 3; ++i) {
-    INFO("peer ", i, ": ", again[i].error);
-    REQUIRE(again[i].ok);
-    CHECK(again[i].group_size == 3);
-    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
-  }
+  check_averaged(step_all(peers.averagers), peers, expected_mean(peers.before, {1, 1, 1}), 3);
 }
 
 TEST_CASE("averaging: a member that stalls without sending is left out after sender_timeout") {
-  auto dhts = swarm(3);
-  std::vector<std::vector<at::Tensor>> tensors, before;
-  std::vector<std::unique_ptr<Averager>> averagers;
-  for (std::size_t i = 0; i < 3; ++i) {
-    tensors.push_back(peer_tensors(static_cast<int>(30 + i)));
-    before.push_back(clones(tensors.back()));
-    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), fast("stalls", 4)));
-  }
+  Peers peers(swarm(3), 30, fast("stalls", 4));
   FakeMember fake(true);  // client mode: it owns no part, so the others can finish without it
   auto joined = std::async(std::launch::async, [&] {
-    return fake.join(*dhts[0], averagers[0]->group_key(), averaging::schema_hash(tensors[0]));
+    return fake.join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
   });
-  auto results = step_all(averagers);
+  auto results = step_all(peers.averagers);
   REQUIRE(joined.get() == 4);
-  const auto mean = expected_mean(before, {1, 1, 1});
-  for (std::size_t i = 0; i < 3; ++i) {
-    INFO("peer ", i, ": ", results[i].error);
-    REQUIRE(results[i].ok);
-    CHECK(results[i].group_size == 4);
-    CHECK(max_abs_diff(tensors[i], mean) <= 1e-6);
-  }
+  check_averaged(results, peers, expected_mean(peers.before, {1, 1, 1}), 4);
 }
 
 TEST_CASE("averaging: a part request with bad fields gets an error and the peer keeps serving") {
