@@ -72,16 +72,6 @@ void progress(const char* what, std::size_t done, std::size_t total) {
   if (done == total) fmt::print(stderr, "\n");
 }
 
-// Raises the open-file limit to its hard maximum; returns the new soft limit.
-rlim_t raise_file_limit() {
-  rlimit r{};
-  getrlimit(RLIMIT_NOFILE, &r);
-  r.rlim_cur = r.rlim_max;
-  setrlimit(RLIMIT_NOFILE, &r);
-  getrlimit(RLIMIT_NOFILE, &r);
-  return r.rlim_cur;
-}
-
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -95,7 +85,7 @@ int run(const Args& a) {
 
   // Each in-process TCP connection costs two descriptors; cap outgoing connections per peer
   // so the swarm fits in the file limit (idle ones are closed and reopened on demand).
-  const rlim_t files = raise_file_limit();
+  const rlim_t files = hive::net::raise_file_limit();
   // Every connection is counted twice (both ends live here) and a contact is usually mutual
   // (the callee pings back to verify the caller), hence the 4.
   const auto per_peer = static_cast<std::uint32_t>(std::max<long>(

@@ -66,7 +66,7 @@ struct Flags {
 Flags parse(int argc, char** argv) {
   Flags f;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) throw hive::InvalidArgument(fmt::format("{} needs a value (see --help)", flag));
       return argv[++i];

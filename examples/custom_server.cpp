@@ -7,6 +7,8 @@
 
 #include <hive/hive.hpp>
 
+#include "common/cli.hpp"
+
 #include <asio/signal_set.hpp>
 
 #include <csignal>
@@ -39,7 +41,7 @@ int main(int argc, char** argv) try {
   bool serve = false;
   std::string listen_on = "127.0.0.1:0";
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     if (flag == "--serve") serve = true;
     else if (flag == "--listen_on" && i + 1 < argc) listen_on = argv[++i];
     else if (flag == "--help") {

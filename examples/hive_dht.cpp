@@ -1,8 +1,11 @@
 // hive-dht: a long-running DHT peer. It prints the address others join with, keeps its routing
-// table fresh, and stops cleanly on SIGINT or SIGTERM.
+// table fresh, and stops cleanly on SIGINT or SIGTERM. With --store or --get it is instead a
+// one-shot client for scripts: it joins, stores or reads one key, prints JSON and exits.
 //
 //   hive-dht [--listen_on HOST:PORT] [--initial_peers A,B,...] [--refresh_period SECONDS]
 //            [--announce_host HOST] [--config FILE.json] [--help]
+//   hive-dht --initial_peers A --store KEY VALUE [--subkey S] [--expiration SECONDS]
+//   hive-dht --initial_peers A --get KEY [--latest]
 
 #include <hive/dht/dht.hpp>
 
@@ -14,6 +17,7 @@
 
 #include <csignal>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -32,17 +36,77 @@ options:
   --status_period SECONDS    how often to print the routing-table and storage size (default 60, 0: never)
   --config FILE              DHTOptions as JSON (see docs/dht.md); flags override it
   --help                     this text
+
+one-shot client (joins --initial_peers without listening, prints one JSON line, exits):
+  --store KEY VALUE          store VALUE (JSON if it parses as JSON, else a string) under KEY;
+                             exit status 0 when a replica accepted it, 1 otherwise
+  --subkey S                 store as dictionary entry S (an integer or a string)
+  --expiration SECONDS       how long the stored value lives (default 60)
+  --get KEY                  read KEY; exit status 0 when found, 1 otherwise
+  --latest                   ask all nearest replicas and merge (default: first found)
+
+Flags may also be spelled with dashes (--initial-peers).
 )";
+
+/// VALUE as JSON when it parses as JSON, else as a string ("abc" need not be quoted).
+nlohmann::json parse_value(const std::string& text) {
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_discarded() ? nlohmann::json(text) : j;
+}
+
+nlohmann::json subkey_json(const hive::dht::Subkey& s) { return hive::dht::subkey_to_json(s); }
+
+// The one-shot client: returns the exit status.
+int one_shot(hive::DHTOptions options, const std::optional<std::pair<std::string, std::string>>& store,
+             const std::optional<std::string>& get, const std::optional<std::string>& subkey, double expiration,
+             bool latest) {
+  options.client_mode(true);
+  hive::DHT dht(options);
+  if (store) {
+    std::optional<hive::dht::Subkey> sk;
+    if (subkey) {
+      const auto j = parse_value(*subkey);
+      sk = hive::dht::subkey_from_json(j.is_number_integer() ? j : nlohmann::json(*subkey));
+    }
+    const bool ok = dht.store(store->first, parse_value(store->second), hive::wall_time() + expiration, sk);
+    nlohmann::json out{{"key", store->first}, {"stored", ok}, {"expiration_s", expiration}};
+    if (sk) out["subkey"] = subkey_json(*sk);
+    fmt::print("{}\n", out.dump());
+    return ok ? 0 : 1;
+  }
+  const auto record = dht.get(*get, latest);
+  nlohmann::json out{{"key", *get}, {"found", record.has_value()}};
+  if (record) {
+    out["expiration"] = record->expiration;
+    if (record->value) {
+      out["value"] = record->value->value;
+    } else {
+      nlohmann::json dict = nlohmann::json::object();
+      for (const auto& [s, v] : record->dictionary) {
+        const auto name = std::holds_alternative<std::string>(s) ? std::get<std::string>(s) : std::to_string(std::get<std::int64_t>(s));
+        dict[name] = v.value;
+      }
+      out["dictionary"] = std::move(dict);
+    }
+  }
+  fmt::print("{}\n", out.dump());
+  return record ? 0 : 1;
+}
 
 using hive::examples::split_commas;
 
 }  // namespace
 
 int main(int argc, char** argv) try {
+  hive::net::raise_file_limit();  // a public DHT peer has many callers
   hive::DHTOptions options;
   double status_period = 60;
+  std::optional<std::pair<std::string, std::string>> store;
+  std::optional<std::string> get, subkey;
+  double expiration = 60;
+  bool latest = false;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) throw hive::InvalidArgument(fmt::format("{} needs a value (see --help)", flag));
       return argv[++i];
@@ -62,9 +126,26 @@ int main(int argc, char** argv) try {
       options.announce_host(value());
     } else if (flag == "--status_period") {
       status_period = std::stod(value());
+    } else if (flag == "--store") {
+      auto key = value();
+      store = std::pair{key, value()};
+    } else if (flag == "--subkey") {
+      subkey = value();
+    } else if (flag == "--expiration") {
+      expiration = std::stod(value());
+    } else if (flag == "--get") {
+      get = value();
+    } else if (flag == "--latest") {
+      latest = true;
     } else {
       throw hive::InvalidArgument(fmt::format("unknown flag '{}' (see --help)", flag));
     }
+  }
+
+  if (store && get) throw hive::InvalidArgument("give --store or --get, not both");
+  if (store || get) {
+    if (options.initial_peers().empty()) throw hive::InvalidArgument("--store and --get need --initial_peers");
+    return one_shot(options, store, get, subkey, expiration, latest);
   }
 
   hive::DHT dht(options);

@@ -65,6 +65,7 @@ using hive::examples::split_commas;
 }  // namespace
 
 int main(int argc, char** argv) try {
+  hive::net::raise_file_limit();  // a public server has many callers
   hive::ServerOptions options;
   options.dht().listen_on("0.0.0.0:0");
   hive::moe::BackendOptions backend;
@@ -74,7 +75,7 @@ int main(int argc, char** argv) try {
   std::optional<std::uint64_t> seed;
   std::vector<std::string> uids;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) throw hive::InvalidArgument(fmt::format("{} needs a value (see --help)", flag));
       return argv[++i];

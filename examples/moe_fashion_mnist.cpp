@@ -7,6 +7,7 @@
 //                     [--train_samples 20000] [--batch 128] [--switch]
 //                     [--kill_servers 1 --kill_at 0.5]   (stop servers part-way: training goes on)
 
+#include "common/cli.hpp"
 #include "common/fashion_mnist.hpp"
 
 #include <hive/hive.hpp>
@@ -52,7 +53,7 @@ int main(int argc, char** argv) try {
   bool use_switch = false;
   std::vector<std::int64_t> grid{4, 4};
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) throw hive::InvalidArgument(fmt::format("{} needs a value (see --help)", flag));
       return argv[++i];

@@ -9,6 +9,8 @@
 
 #include <hive/hive.hpp>
 
+#include "common/cli.hpp"
+
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -18,7 +20,7 @@ int main(int argc, char** argv) try {
   std::int64_t hidden_dim = 512;
   int steps = 100;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) throw hive::InvalidArgument(fmt::format("{} needs a value", flag));
       return argv[++i];

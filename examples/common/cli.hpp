@@ -19,6 +19,15 @@ inline std::vector<std::string> split_commas(const std::string& s) {
   return out;
 }
 
+/// A command-line flag in its canonical spelling: "--initial-peers" (hivemind's newer
+/// spelling) becomes "--initial_peers"; anything else is returned unchanged.
+inline std::string flag_name(std::string flag) {
+  if (flag.size() > 2 && flag.starts_with("--"))
+    for (std::size_t i = 2; i < flag.size(); ++i)
+      if (flag[i] == '-') flag[i] = '_';
+  return flag;
+}
+
 /// The whole text of `path` (a --config file); throws hive::InvalidArgument when unreadable.
 inline std::string read_text_file(const std::string& path) {
   std::ifstream file(path);

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <future>
+#include <limits>
 #include <thread>
 
 using namespace hive;
@@ -371,6 +372,36 @@ TEST_CASE("moe server: schema violations and unknown experts come back as clear 
   // The RemoteError carries the server's message to a RemoteExpert user too.
   CHECK(error_of([&] { (void)good(at::zeros({2, 3})); }).find("should be float32[*, 8]") != std::string::npos);
   CHECK_NOTHROW((void)good(at::zeros({2, 8})));
+}
+
+TEST_CASE("moe server: non-finite or overflowing inputs and gradients get an error reply and change nothing") {
+  DefaultServer server(moe::make_backends("ffn", {"expert.0"}, 8), local_server());
+  moe::Client<> client;
+  auto call = [&](std::string_view method, std::vector<at::Tensor> tensors) {
+    Message m{{{"uid", "expert.0"}}, {}};
+    add_tensors(m, tensors);
+    return error_of([&] { (void)client.call(server.address(), method, std::move(m), Seconds(10)).get(); });
+  };
+  moe::RemoteExpert expert("expert.0", server.address());
+  const auto x = at::randn({4, 8});
+  const auto before = expert(x).detach().clone();
+  const auto nan = std::numeric_limits<float>::quiet_NaN();
+  const auto inf = std::numeric_limits<float>::infinity();
+  CHECK(call(moe::backward_method, {x, at::full({4, 8}, nan)}).find("grad_outputs: tensor 0 holds non-finite values") !=
+        std::string::npos);
+  auto poisoned = at::randn({4, 8});
+  poisoned[2][3] = inf;
+  CHECK(call(moe::backward_method, {x, poisoned}).find("non-finite") != std::string::npos);
+  CHECK(call(moe::backward_method, {poisoned, at::randn({4, 8})}).find("inputs: tensor 0 holds non-finite") !=
+        std::string::npos);
+  CHECK(call(moe::forward_method, {poisoned}).find("non-finite") != std::string::npos);
+  // Finite, but the update would overflow float32: refused whole.
+  CHECK(call(moe::backward_method, {x, at::full({4, 8}, 1e30f)}).find("update refused") != std::string::npos);
+  // The expert is untouched, and trains again on honest gradients.
+  CHECK(at::equal(expert(x).detach(), before));
+  CHECK(call(moe::backward_method, {x, at::randn({4, 8})}).empty());
+  CHECK_FALSE(at::equal(expert(x).detach(), before));
+  CHECK(at::isfinite(expert(x)).all().item<bool>());
 }
 
 TEST_CASE("moe client: a server that dies or stalls mid-request costs the caller an error, not a hang") {

@@ -16,6 +16,9 @@ struct Limits {
   HIVE_ARG(std::uint64_t, max_frame_bytes, std::uint64_t{1} << 31);
   /// Largest MessagePack header accepted, in bytes.
   HIVE_ARG(std::uint32_t, max_header_bytes, 4u << 20);
+  /// Deepest nesting of maps and arrays accepted in a MessagePack header (and in DHT values);
+  /// deeper input is refused before it is parsed, since the parser recurses.
+  HIVE_ARG(std::uint32_t, max_header_depth, 64);
   /// Most payload blobs (tensors) in one frame.
   HIVE_ARG(std::uint32_t, max_blobs, 4096);
   /// Largest tensor rank accepted.
@@ -24,7 +27,7 @@ struct Limits {
   HIVE_ARG(std::uint64_t, max_tensor_elements, std::uint64_t{1} << 31);
   /// Longest method name accepted in a request.
   HIVE_ARG(std::uint32_t, max_method_bytes, 256);
-  HIVE_OPTIONS_JSON(Limits, max_frame_bytes, max_header_bytes, max_blobs, max_tensor_rank,
+  HIVE_OPTIONS_JSON(Limits, max_frame_bytes, max_header_bytes, max_header_depth, max_blobs, max_tensor_rank,
                     max_tensor_elements, max_method_bytes)
 };
 

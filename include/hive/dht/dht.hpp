@@ -2,6 +2,7 @@
 /// @file
 /// hive::DHT: the blocking and future-returning facade of a DHT peer, with its own runtime.
 
+#include <hive/core/msgpack.hpp>
 #include <hive/dht/node.hpp>
 #include <hive/net/runtime.hpp>
 #include <hive/net/simulated.hpp>
@@ -173,8 +174,8 @@ class BasicDHT {
     out.expiration = record.expiration;
     auto decode_one = [](const dht::ValueWithExpiration& v) -> std::optional<DHTValue> {
       try {
-        return DHTValue{nlohmann::json::from_msgpack(v.value), v.expiration};
-      } catch (const nlohmann::json::exception&) {
+        return DHTValue{parse_msgpack(v.value), v.expiration};
+      } catch (const Error&) {
         return std::nullopt;
       }
     };

@@ -71,8 +71,11 @@ struct NodeOptions {
   HIVE_ARG(StorageOptions, cache, StorageOptions{}.max_keys(10000));
   /// Back-off for peers that did not answer.
   HIVE_ARG(BlacklistOptions, blacklist, BlacklistOptions{});
+  /// Bytes of records one dht.find reply carries at most; past it, records are left out or
+  /// dictionaries cut to their latest subkeys (flagged "t"), so that no reply outgrows a frame.
+  HIVE_ARG(std::size_t, max_find_reply_bytes, std::size_t{8} << 20);
   HIVE_OPTIONS_JSON(NodeOptions, num_replicas, wait_timeout, client_mode, cache_on_store, refresh_period,
-                    cache_refresh_before_expiry, storage, cache, blacklist)
+                    cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes)
 };
 
 /// One item of a store: a key (already hashed), an optional subkey, a value, its expiration.
@@ -140,6 +143,48 @@ inline Record record_from_json(const nlohmann::json& j) {
   r.content = std::move(dict);
   r.expiration = latest;
   return r;
+}
+
+/// Bytes a value with its subkey takes in a reply, framing included (roughly).
+inline std::size_t reply_bytes(const Bytes& value, const std::optional<Subkey>& subkey) {
+  return value.size() + (subkey ? subkey_bytes(*subkey) : 0) + 16;
+}
+
+/// `record` cut to fit `budget` bytes (which it reduces): whole if it fits; a dictionary keeps
+/// its latest-expiring subkeys that fit; nullopt when nothing fits. Sets `truncated` when
+/// anything was left out.
+inline std::optional<Record> fit_record(const Record& record, std::size_t& budget, bool& truncated) {
+  if (!record.is_dictionary()) {
+    const auto need = reply_bytes(record.regular().value, std::nullopt);
+    if (need > budget) {
+      truncated = true;
+      return std::nullopt;
+    }
+    budget -= need;
+    return record;
+  }
+  const auto& dict = record.dictionary();
+  std::vector<const std::pair<const Subkey, ValueWithExpiration>*> order;
+  order.reserve(dict.size());
+  for (const auto& item : dict) order.push_back(&item);
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->second.expiration > b->second.expiration; });
+  Dictionary kept;
+  for (const auto* item : order) {
+    const auto need = reply_bytes(item->second.value, item->first);
+    if (need > budget) {
+      truncated = true;
+      continue;
+    }
+    budget -= need;
+    kept.emplace(item->first, item->second);
+  }
+  if (kept.empty()) return std::nullopt;
+  Record out;
+  out.expiration = kept.size() == dict.size() ? record.expiration : 0;
+  if (out.expiration == 0)
+    for (const auto& [subkey, v] : kept) out.expiration = std::max(out.expiration, v.expiration);
+  out.content = std::move(kept);
+  return out;
 }
 
 /// Merges `incoming` into `best`: the later regular value, the union of dictionaries with the
@@ -345,8 +390,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       self->learn_sender(m.header);
       co_return Message{self->sender(), {}};
     }));
-    rpc_->add_handler("dht.store", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
-      co_return self->serve_store(m);
+    rpc_->add_handler("dht.store", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+      co_return self->serve_store(m, net::AddressSource::of(ctx.remote_address).key);
     }));
     rpc_->add_handler("dht.find", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
       co_return self->serve_find(m);
@@ -379,7 +424,9 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     }, asio::detached);
   }
 
-  Message serve_store(const Message& m) {
+  // Stores are charged to the caller's source (its IP, or IPv6 /64), so that one caller
+  // filling this peer's storage gives way to others before they are refused (Storage).
+  Message serve_store(const Message& m, const std::string& source) {
     const auto& h = m.header;
     if (!h.is_object() || !h.contains("items") || !h["items"].is_array())
       throw Error(errc::bad_header, "dht.store needs an array of items");
@@ -398,11 +445,11 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         Storage& target = item[4].template get<bool>() ? cache_ : storage_;
         StoreStatus s;
         if (item[1].is_null()) {
-          s = target.store(key, std::move(value), expiration, now);
+          s = target.store(key, std::move(value), expiration, now, source);
         } else {
           auto subkey = subkey_from_json(item[1]);
           if (!subkey) throw Error(errc::bad_header, "a subkey must be an integer or a string");
-          s = target.store_subkey(key, std::move(*subkey), std::move(value), expiration, now);
+          s = target.store_subkey(key, std::move(*subkey), std::move(value), expiration, now, source);
         }
         status = std::string(to_string(s));
       } catch (const Error& e) {
@@ -426,17 +473,38 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       } catch (const std::exception&) {
       }
     }
+    // Distinct keys only: the same key asked many times would multiply the reply.
+    std::vector<Id160> keys;
+    keys.reserve(h["keys"].size());
+    {
+      std::set<Id160> seen;
+      for (const auto& k : h["keys"]) {
+        keys.push_back(detail::id_from_json(k));
+        if (!seen.insert(keys.back()).second) throw Error(errc::bad_header, "dht.find keys must be distinct");
+      }
+    }
+    // Records go into the reply while its budget lasts; a dictionary that does not fit whole
+    // sends its latest-expiring subkeys that fit and the flag "t" (truncated), so a large
+    // dictionary stays readable instead of making every reply fail.
+    std::size_t budget = static_cast<std::size_t>(
+        std::min<std::uint64_t>(options_.max_find_reply_bytes(), rpc_->transport().limits().max_frame_bytes() / 2));
     const double now = wall_time();
     nlohmann::json results = nlohmann::json::array();
-    for (const auto& k : h["keys"]) {
-      const Id160 key = detail::id_from_json(k);
+    for (const auto& key : keys) {
       nlohmann::json r = nlohmann::json::object();
       std::optional<Record> found;
       if (auto own = storage_.get(key, now)) detail::merge_record(found, *own, now);
       if (auto cached = cache_.get(key, now)) detail::merge_record(found, *cached, now);
-      if (found) r["r"] = detail::record_to_json(*found);
+      if (found) {
+        bool truncated = false;
+        if (auto fitted = detail::fit_record(*found, budget, truncated)) r["r"] = detail::record_to_json(*fitted);
+        if (truncated) r["t"] = true;
+      }
       nlohmann::json peers = nlohmann::json::array();
-      for (const auto& n : table_.nearest(key, K, requester)) peers.push_back({detail::id_to_json(n.id), n.address});
+      for (const auto& n : table_.nearest(key, K, requester)) {
+        budget -= std::min(budget, n.address.size() + 32);
+        peers.push_back({detail::id_to_json(n.id), n.address});
+      }
       r["n"] = std::move(peers);
       results.push_back(std::move(r));
     }

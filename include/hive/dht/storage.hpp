@@ -132,17 +132,28 @@ struct StorageOptions {
 
 namespace detail {
 
-/// A dictionary plus its subkeys ordered by expiration, for pruning and eviction.
+/// A dictionary plus its subkeys ordered by expiration, for pruning and eviction, and the
+/// source that wrote each subkey.
 struct StoredDictionary {
   Dictionary items;
   std::set<std::pair<double, Subkey>> by_expiration;
+  std::map<Subkey, std::string> writers;
 };
 
-/// A record as stored: content, overall expiration and the bytes it accounts for.
+/// A record as stored: content, overall expiration, the bytes it accounts for, and the source
+/// it is charged to (the writer of a regular value, the creator of a dictionary).
 struct StoredRecord {
   std::variant<ValueWithExpiration, StoredDictionary> content;
   double expiration = 0;
   std::size_t bytes = 0;
+  std::string source;
+};
+
+/// What one source holds in a Storage.
+struct SourceShare {
+  std::size_t keys = 0;
+  std::size_t bytes = 0;
+  std::set<std::pair<double, Id160>> records;  // by expiration
 };
 
 /// Bytes a subkey accounts for.
@@ -161,6 +172,13 @@ inline std::size_t subkey_bytes(const Subkey& subkey) noexcept {
 /// first drops what expired by then; an ordered index of expirations makes that cost
 /// O(log n) per dropped record.
 ///
+/// Stores name their `source` (the remote peer's AddressSource key; empty for this peer).
+/// When the storage (or a dictionary) is full, a source that holds more than the newcomer's
+/// source gives way first, soonest-expiring record first, whatever its expirations: one
+/// source cannot pin the storage with far-future records and lock others out. Otherwise a
+/// record that expires sooner than the new one gives way, unless its source holds less than
+/// the newcomer's: a heavy source cannot push out a light one's short-lived records either.
+///
 /// @par Thread safety
 /// None; the DHT protocol serializes access.
 class Storage {
@@ -178,18 +196,20 @@ class Storage {
 
   /// Stores a regular value under `key` until `expiration`, replacing what the key holds (a
   /// regular value or a whole dictionary) if that expires strictly earlier.
-  StoreStatus store(const Id160& key, Bytes value, double expiration, double now = wall_time()) {
+  StoreStatus store(const Id160& key, Bytes value, double expiration, double now = wall_time(),
+                    std::string_view source = {}) {
     purge(now);
     if (auto bad = check_new(value.size(), expiration, now)) return *bad;
     auto it = records_.find(key);
     if (it != records_.end() && !(expiration > it->second.expiration)) return StoreStatus::not_newer;
     const std::size_t held = it == records_.end() ? 0 : it->second.bytes;
-    if (!make_room(key, it == records_.end() ? 1 : 0, positive_delta(value.size(), held), expiration))
+    if (!make_room(key, it == records_.end() ? 1 : 0, positive_delta(value.size(), held), expiration, source))
       return StoreStatus::storage_full;
-    if (it != records_.end()) take(key);
+    if (records_.contains(key)) take(key);
     detail::StoredRecord record;
     record.bytes = value.size();
     record.expiration = expiration;
+    record.source = std::string(source);
     record.content = ValueWithExpiration{std::move(value), expiration};
     put(key, std::move(record));
     return StoreStatus::stored;
@@ -201,7 +221,7 @@ class Storage {
   /// dictionary. Within a dictionary the subkey is stored only if it expires strictly later
   /// than that subkey's current entry; other subkeys are untouched.
   StoreStatus store_subkey(const Id160& key, Subkey subkey, Bytes value, double expiration,
-                           double now = wall_time()) {
+                           double now = wall_time(), std::string_view source = {}) {
     purge(now);
     const std::size_t entry_bytes = value.size() + detail::subkey_bytes(subkey);
     if (auto bad = check_new(entry_bytes, expiration, now)) return *bad;
@@ -209,16 +229,18 @@ class Storage {
     if (it == records_.end() || !std::holds_alternative<detail::StoredDictionary>(it->second.content)) {
       if (it != records_.end() && !(expiration > it->second.expiration)) return StoreStatus::not_newer;
       const std::size_t held = it == records_.end() ? 0 : it->second.bytes;
-      if (!make_room(key, it == records_.end() ? 1 : 0, positive_delta(entry_bytes, held), expiration))
+      if (!make_room(key, it == records_.end() ? 1 : 0, positive_delta(entry_bytes, held), expiration, source))
         return StoreStatus::storage_full;
-      if (it != records_.end()) take(key);
+      if (records_.contains(key)) take(key);
       detail::StoredRecord record;
       detail::StoredDictionary dict;
       dict.by_expiration.emplace(expiration, subkey);
+      dict.writers.emplace(subkey, std::string(source));
       dict.items.emplace(std::move(subkey), ValueWithExpiration{std::move(value), expiration});
       record.content = std::move(dict);
       record.expiration = expiration;
       record.bytes = entry_bytes;
+      record.source = std::string(source);
       put(key, std::move(record));
       return StoreStatus::stored;
     }
@@ -230,18 +252,19 @@ class Storage {
       if (!(expiration > held->second.expiration)) return StoreStatus::not_newer;
       freed = held->second.value.size() + detail::subkey_bytes(subkey);
     } else if (dict.items.size() >= options_.max_subkeys()) {
-      const auto& soonest = *dict.by_expiration.begin();
-      if (!(soonest.first < expiration)) return StoreStatus::too_many_subkeys;
-      victim = soonest.second;
+      victim = subkey_victim(dict, expiration, source);
+      if (!victim) return StoreStatus::too_many_subkeys;
       freed = dict.items.at(*victim).value.size() + detail::subkey_bytes(*victim);
     }
-    if (!make_room(key, 0, positive_delta(entry_bytes, freed), expiration)) return StoreStatus::storage_full;
+    if (!make_room(key, 0, positive_delta(entry_bytes, freed), expiration, source)) return StoreStatus::storage_full;
+    if (!records_.contains(key)) return StoreStatus::storage_full;  // defensive: make_room spares `key`
 
     detail::StoredRecord record = take(key);
     auto& d = std::get<detail::StoredDictionary>(record.content);
     if (victim) erase_subkey(record, *victim);
     erase_subkey(record, subkey);
     d.by_expiration.emplace(expiration, subkey);
+    d.writers.insert_or_assign(subkey, std::string(source));
     d.items.emplace(std::move(subkey), ValueWithExpiration{std::move(value), expiration});
     record.bytes += entry_bytes;
     record.expiration = d.by_expiration.rbegin()->first;
@@ -320,6 +343,11 @@ class Storage {
   [[nodiscard]] bool empty() const noexcept { return records_.empty(); }
   /// Bytes of values and subkeys held, as counted against max_total_bytes.
   [[nodiscard]] std::size_t total_bytes() const noexcept { return total_bytes_; }
+  /// Keys charged to `source` (records it wrote, dictionaries it created).
+  [[nodiscard]] std::size_t keys_of(std::string_view source) const {
+    auto it = shares_.find(std::string(source));
+    return it == shares_.end() ? 0 : it->second.keys;
+  }
 
  private:
   static std::size_t positive_delta(std::size_t incoming, std::size_t outgoing) noexcept {
@@ -333,21 +361,54 @@ class Storage {
     return std::nullopt;
   }
 
-  /// Evicts records that expire before `expiration`, soonest first and never `spare`, until
-  /// `extra_keys` more keys and `extra_bytes` more bytes fit; evicts nothing if that cannot work.
-  bool make_room(const Id160& spare, std::size_t extra_keys, std::size_t extra_bytes, double expiration) {
+  /// Makes room for `extra_keys` more keys and `extra_bytes` more bytes from `source`, never
+  /// evicting `spare`. First a source holding more than `source` gives way, its soonest record
+  /// first; then records that expire before `expiration`, soonest first, of sources holding at
+  /// least as many keys as `source`. The second step evicts nothing if it cannot make enough
+  /// room.
+  bool make_room(const Id160& spare, std::size_t extra_keys, std::size_t extra_bytes, double expiration,
+                 std::string_view source) {
     const auto over = [](std::size_t have, std::size_t add, std::uint64_t limit) -> std::size_t {
       return have + add > limit ? static_cast<std::size_t>(have + add - limit) : 0;
     };
+    for (;;) {
+      const bool keys_short = over(records_.size(), extra_keys, options_.max_keys()) > 0;
+      const bool bytes_short = over(total_bytes_, extra_bytes, options_.max_total_bytes()) > 0;
+      if (!keys_short && !bytes_short) return true;
+      const auto mine = shares_.find(std::string(source));
+      const std::size_t my_keys = (mine == shares_.end() ? 0 : mine->second.keys) + extra_keys;
+      const std::size_t my_bytes = (mine == shares_.end() ? 0 : mine->second.bytes) + extra_bytes;
+      const detail::SourceShare* heaviest = nullptr;
+      for (const auto& [name, share] : shares_) {
+        if (name == source) continue;
+        const bool heavier = keys_short ? share.keys > my_keys : share.bytes > my_bytes;
+        if (heavier && (!heaviest || (keys_short ? share.keys > heaviest->keys : share.bytes > heaviest->bytes)))
+          heaviest = &share;
+      }
+      if (!heaviest) break;
+      const Id160* victim = nullptr;
+      for (const auto& [when, key] : heaviest->records)
+        if (key != spare) {
+          victim = &key;
+          break;
+        }
+      if (!victim) break;
+      take(Id160(*victim));
+    }
     const std::size_t need_keys = over(records_.size(), extra_keys, options_.max_keys());
     const std::size_t need_bytes = over(total_bytes_, extra_bytes, options_.max_total_bytes());
     if (need_keys == 0 && need_bytes == 0) return true;
+    // Records of a source holding less than `source` never give way to it.
+    const auto mine = shares_.find(std::string(source));
+    const std::size_t my_keys = (mine == shares_.end() ? 0 : mine->second.keys) + extra_keys;
     std::vector<Id160> victims;
     std::size_t freed_keys = 0, freed_bytes = 0;
     for (const auto& [when, key] : by_expiration_) {
       if (freed_keys >= need_keys && freed_bytes >= need_bytes) break;
       if (!(when < expiration)) break;
       if (key == spare) continue;
+      const auto& owner = records_.at(key).source;
+      if (owner != source && shares_.at(owner).keys < my_keys) continue;
       victims.push_back(key);
       ++freed_keys;
       freed_bytes += records_.at(key).bytes;
@@ -357,10 +418,38 @@ class Storage {
     return true;
   }
 
+  /// The subkey that gives way in a full dictionary for a new one from `source` expiring at
+  /// `expiration`: the soonest of a writer holding more subkeys than `source` would, else the
+  /// soonest that expires before `expiration` and whose writer holds at least as many as
+  /// `source` would; nullopt when none may give way.
+  static std::optional<Subkey> subkey_victim(const detail::StoredDictionary& dict, double expiration,
+                                             std::string_view source) {
+    std::map<std::string_view, std::size_t> counts;
+    for (const auto& [subkey, writer] : dict.writers) counts[writer]++;
+    const std::size_t mine = counts[source] + 1;
+    std::string_view heaviest;
+    std::size_t most = 0;
+    for (const auto& [writer, n] : counts)
+      if (writer != source && n > mine && n > most) {
+        heaviest = writer;
+        most = n;
+      }
+    if (most > 0)
+      for (const auto& [when, subkey] : dict.by_expiration)
+        if (dict.writers.at(subkey) == heaviest) return subkey;
+    for (const auto& [when, subkey] : dict.by_expiration) {
+      if (!(when < expiration)) break;
+      const auto& writer = dict.writers.at(subkey);
+      if (writer == source || counts[writer] >= mine) return subkey;
+    }
+    return std::nullopt;
+  }
+
   static void erase_subkey(detail::StoredRecord& record, const Subkey& subkey) {
     auto& d = std::get<detail::StoredDictionary>(record.content);
     auto it = d.items.find(subkey);
     if (it == d.items.end()) return;
+    d.writers.erase(subkey);
     d.by_expiration.erase({it->second.expiration, subkey});
     record.bytes -= it->second.value.size() + detail::subkey_bytes(subkey);
     d.items.erase(it);
@@ -377,6 +466,10 @@ class Storage {
     }
     by_expiration_.emplace(record.expiration, key);
     total_bytes_ += record.bytes;
+    auto& share = shares_[record.source];
+    share.keys++;
+    share.bytes += record.bytes;
+    share.records.emplace(record.expiration, key);
     records_.insert_or_assign(key, std::move(record));
   }
 
@@ -389,6 +482,11 @@ class Storage {
     if (auto* d = std::get_if<detail::StoredDictionary>(&record.content); d && !d->items.empty())
       dict_pruning_.erase({d->by_expiration.begin()->first, key});
     total_bytes_ -= record.bytes;
+    if (auto share = shares_.find(record.source); share != shares_.end()) {
+      share->second.records.erase({record.expiration, key});
+      share->second.bytes -= record.bytes;
+      if (--share->second.keys == 0) shares_.erase(share);
+    }
     return record;
   }
 
@@ -405,6 +503,7 @@ class Storage {
   std::set<std::pair<double, Id160>> by_expiration_;  // every key by its record's expiration
   std::set<std::pair<double, Id160>> dict_pruning_;   // dictionaries by their earliest subkey, if
                                                       // it expires before the dictionary does
+  std::unordered_map<std::string, detail::SourceShare> shares_;  // what each source is charged
   std::size_t total_bytes_ = 0;
 };
 

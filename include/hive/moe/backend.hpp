@@ -15,6 +15,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <concepts>
 #include <filesystem>
@@ -165,14 +166,29 @@ class ModuleBackend {
       auto g = leaf.grad();
       grad_inputs.push_back(g.defined() ? g : at::zeros_like(leaf));
     }
+    // Gradients set to none rather than zeroed (libtorch 1.13's zero_grad): the next backward
+    // then writes fresh gradients instead of adding into zeros, 25% faster for small batches.
+    auto clear_grads = [&] {
+      for (auto& p : expert_.module->parameters()) p.mutable_grad() = at::Tensor();
+    };
     if (optimizer_) {
+      // Finite inputs can still overflow into infinite gradients (values near 1e30 in float32):
+      // such an update is refused whole, so one hostile batch cannot wreck the expert.
+      const double norm = gradient_norm();
+      if (!std::isfinite(norm)) {
+        clear_grads();
+        throw Error(errc::bad_tensor, fmt::format("expert {}: the gradient overflowed (norm {}); update refused", name_, norm));
+      }
+      for (const auto& g : grad_inputs)
+        if (at::isFloatingType(g.scalar_type()) && !at::isfinite(g).all().item<bool>()) {
+          clear_grads();
+          throw Error(errc::bad_tensor, fmt::format("expert {}: the input gradient overflowed; update refused", name_));
+        }
       if (options_.clip_grad_norm() > 0) torch::nn::utils::clip_grad_norm_(expert_.module->parameters(), options_.clip_grad_norm());
       optimizer_->step();
       ++*updates_;
     }
-    // Gradients set to none rather than zeroed (libtorch 1.13's zero_grad): the next backward
-    // then writes fresh gradients instead of adding into zeros, 25% faster for small batches.
-    for (auto& p : expert_.module->parameters()) p.mutable_grad() = at::Tensor();
+    clear_grads();
     return grad_inputs;
   }
 
@@ -226,6 +242,20 @@ class ModuleBackend {
     auto t = s.make(1);
     if (at::isFloatingType(t.scalar_type())) t.normal_();
     return t;
+  }
+
+  // The 2-norm of all parameter gradients, summed in each gradient's own dtype (as torch's
+  // clip_grad_norm_ does), so that an overflow shows as infinity rather than being hidden.
+  double gradient_norm() const {
+    double total = 0;
+    for (const auto& p : expert_.module->parameters()) {
+      const auto& g = p.grad();
+      if (!g.defined()) continue;
+      const bool blas = g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble;
+      const auto flat = g.reshape({-1});
+      total += (blas ? flat.dot(flat) : flat.mul(flat).sum()).template item<double>();
+    }
+    return std::sqrt(total);
   }
 
   static std::vector<std::filesystem::path> checkpoints(const std::filesystem::path& folder) {

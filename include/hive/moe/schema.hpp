@@ -5,6 +5,8 @@
 
 #include <hive/core/tensor_codec.hpp>
 
+#include <ATen/ops/all.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 
 #include <fmt/ranges.h>
@@ -87,6 +89,18 @@ inline std::int64_t check_batch(const std::vector<at::Tensor>& tensors, const st
   }
   if (batch == 0) fail("empty batch (0 rows)");
   return batch;
+}
+
+/// Checks that every floating-point tensor in `tensors` holds only finite values (no NaN, no
+/// infinity): one such request would otherwise poison an expert for every later caller.
+/// Throws hive::Error(bad_tensor) naming the tensor, prefixed by `what`.
+inline void check_finite(const std::vector<at::Tensor>& tensors, std::string_view what) {
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
+    if (!at::isfinite(t).all().item<bool>())
+      throw Error(errc::bad_tensor, fmt::format("{}: tensor {} holds non-finite values (NaN or infinity)", what, i));
+  }
 }
 
 }  // namespace hive::moe

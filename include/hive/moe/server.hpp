@@ -227,6 +227,7 @@ class Server {
       const auto compression = reply_compression(m);
       auto inputs = get_tensors(m, limits_);
       moe::check_batch(inputs, e.backend->input_schema(), fmt::format("{} inputs", e.backend->name()));
+      moe::check_finite(inputs, fmt::format("{} inputs", e.backend->name()));
       auto op = moe::async_submit(scheduler_, e.forward_pool, std::move(inputs), asio::use_awaitable);
       auto outputs = co_await std::move(op);
       Message reply;
@@ -249,6 +250,9 @@ class Server {
       if (rows != grad_rows)
         throw Error(errc::bad_tensor, fmt::format("{} backward: {} input rows but {} grad_output rows",
                                                   e.backend->name(), rows, grad_rows));
+      // Checked per request, before batching: a poisoned request fails alone.
+      moe::check_finite(inputs, fmt::format("{} inputs", e.backend->name()));
+      moe::check_finite(grad_outputs, fmt::format("{} grad_outputs", e.backend->name()));
       auto op = moe::async_submit(scheduler_, e.backward_pool, std::move(tensors), asio::use_awaitable);
       auto grads = co_await std::move(op);
       Message reply;

@@ -10,6 +10,7 @@
 #include <hive/core/error.hpp>
 #include <hive/core/limits.hpp>
 #include <hive/core/message.hpp>
+#include <hive/core/msgpack.hpp>
 
 #include <array>
 #include <bit>
@@ -245,9 +246,9 @@ inline Frame decode_frame_rest(const FramePrefix& prefix, const Buffer& rest, co
   const std::byte* header = p + table;
   nlohmann::json wire;
   try {
-    wire = nlohmann::json::from_msgpack(reinterpret_cast<const std::uint8_t*>(header),
-                                        reinterpret_cast<const std::uint8_t*>(header) + prefix.header_length);
-  } catch (const nlohmann::json::exception& e) {
+    wire = parse_msgpack({reinterpret_cast<const std::uint8_t*>(header), prefix.header_length},
+                         limits.max_header_depth());
+  } catch (const Error& e) {
     throw fail(errc::bad_header, fmt::format("header is not valid MessagePack: {}", e.what()));
   }
   if (!wire.is_object()) throw fail(errc::bad_header, "header must be a map");

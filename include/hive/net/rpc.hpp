@@ -8,6 +8,7 @@
 #include <hive/detail/event.hpp>
 #include <hive/net/transport.hpp>
 
+#include <atomic>
 #include <deque>
 #include <functional>
 #include <future>
@@ -33,8 +34,25 @@ struct RpcOptions {
   /// Outgoing connections kept open; opening one more first closes the least recently used
   /// idle one (so a peer that talks to thousands of others stays within its file limit).
   HIVE_ARG(std::uint32_t, max_outgoing_connections, 1024);
+  /// Incoming connections kept open in all; a newcomer beyond it takes the place of the
+  /// least recently active idle one, or is closed when none is idle.
+  HIVE_ARG(std::uint32_t, max_incoming_connections, 4096);
+  /// Incoming connections from one source (an IPv4 address, an IPv6 /64) at once; more are
+  /// closed as they arrive. Loopback is not counted unless limit_loopback is set.
+  HIVE_ARG(std::uint32_t, max_connections_per_source, 64);
+  /// Apply max_connections_per_source to loopback addresses too (many peers of one machine
+  /// share them, so by default they are exempt).
+  HIVE_ARG(bool, limit_loopback, false);
+  /// A connection with no call in flight either way and no frame for this long is closed:
+  /// incoming ones after idle_timeout, outgoing ones after half of it (so that the caller,
+  /// not the server, closes first and no call races a closing socket). 0 keeps them forever.
+  HIVE_ARG(Seconds, idle_timeout, Seconds(300));
+  /// Longest pause between accept() retries after the system refused one (for example, out
+  /// of file descriptors); the pause starts at 10 ms and doubles up to this.
+  HIVE_ARG(Seconds, accept_backoff_max, Seconds(1));
   HIVE_OPTIONS_JSON(RpcOptions, request_timeout, connect_timeout, reply_timeout, max_concurrent_requests,
-                    max_outgoing_connections)
+                    max_outgoing_connections, max_incoming_connections, max_connections_per_source,
+                    limit_loopback, idle_timeout, accept_backoff_max)
 };
 
 /// What a handler knows about the call it serves.
@@ -179,6 +197,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
         listen_address_ = bound;
       }
       asio::co_spawn(get_executor(), accept_loop(this->shared_from_this()), asio::detached);
+      start_sweeper();
     });
     return bound;
   }
@@ -247,6 +266,14 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     return n;
   }
 
+  /// Times accept() failed and was retried (descriptor exhaustion, for one), for tests and stats.
+  [[nodiscard]] std::uint64_t accept_failures() const noexcept { return accept_failures_.load(); }
+  /// Incoming connections closed on arrival by max_connections_per_source or
+  /// max_incoming_connections, for tests and stats.
+  [[nodiscard]] std::uint64_t refused_connections() const noexcept { return refused_connections_.load(); }
+  /// Requests refused by max_concurrent_requests, for tests and stats.
+  [[nodiscard]] std::uint64_t refused_requests() const noexcept { return refused_requests_.load(); }
+
  private:
   using Connection = typename T::connection_type;
 
@@ -258,10 +285,19 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     std::deque<detail::WriteItem*> queue;
     std::uint64_t next_call_id = 1;
     std::uint64_t write_generation = 0;
-    std::uint32_t active_requests = 0;
+    std::uint32_t active_requests = 0;  // requests being served or whose reply is unwritten
+    std::uint32_t refusals = 0;         // "too many requests" replies not yet written
+    std::string source;                 // AddressSource key of an incoming connection
     SteadyClock::time_point last_used = SteadyClock::now();
+    SteadyClock::time_point last_activity = SteadyClock::now();  // last frame read or written
     bool writing = false;
     bool closed = false;
+
+    bool idle() const noexcept {
+      if constexpr (requires { conn->receiving(); })
+        if (conn->receiving()) return false;
+      return pending.empty() && !writing && queue.empty() && active_requests == 0;
+    }
 
     void fail(std::error_code ec) {
       if (closed) return;
@@ -314,6 +350,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
           }
           ++write_generation;
           watchdog.cancel();
+          last_activity = SteadyClock::now();
           if (next->error) fail(next->error);
           next->done.set();
         }
@@ -332,6 +369,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   void close_on_strand() {
     if (closed_) return;
     closed_ = true;
+    sweeper_wake_.notify_all();
     transport_.close();
     auto sessions = sessions_;
     for (auto& s : sessions) s->fail(make_error_code(errc::shutdown));
@@ -344,23 +382,113 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     connecting_.clear();
   }
 
+  // Accepts until close(). A refused accept (EMFILE, ENFILE, ENOBUFS, ...) is retried after a
+  // pause that doubles up to accept_backoff_max: the listener must outlive a burst that
+  // exhausted descriptors, or the peer would be alive and unreachable for good.
   static asio::awaitable<void> accept_loop(std::shared_ptr<Rpc> self) {
+    const Seconds first_pause(0.01);
+    Seconds pause = first_pause;
+    auto last_warning = SteadyClock::time_point{};
     for (;;) {
       std::shared_ptr<Connection> conn;
       try {
         conn = co_await self->transport_.accept();
+        pause = first_pause;
       } catch (const std::exception& e) {
-        if (!self->closed_) log::debug("rpc", "no longer listening on {}: {}", self->listen_address(), e.what());
-        co_return;
+        if (self->closed_) co_return;
+        // A listener that is gone (closed, or a simulated host that crashed) ends the loop;
+        // anything else is a refusal of the moment.
+        if (const auto* se = dynamic_cast<const std::system_error*>(&e);
+            se && (se->code() == asio::error::operation_aborted || se->code() == asio::error::bad_descriptor ||
+                   se->code() == errc::shutdown || se->code() == errc::invalid_argument))
+          co_return;
+        self->accept_failures_++;
+        if (SteadyClock::now() - last_warning > std::chrono::seconds(10)) {
+          last_warning = SteadyClock::now();
+          log::warn("rpc", "accepting a connection on {} failed ({}); retrying", self->listen_address(), e.what());
+        }
       }
       if (self->closed_) {
-        conn->close();
+        if (conn) conn->close();
         co_return;
       }
+      if (!conn) {
+        co_await self->sweeper_wake_.wait(deadline_after(pause));
+        pause = std::min(pause * 2, self->options_.accept_backoff_max());
+        continue;
+      }
+      if (!self->admit(*conn)) {
+        self->refused_connections_++;
+        conn->close();
+        continue;
+      }
       auto session = std::make_shared<Session>();
+      session->source = AddressSource::of(conn->remote_address()).key;
       session->conn = std::move(conn);
+      self->incoming_per_source_[session->source]++;
       self->sessions_.insert(session);
       asio::co_spawn(self->get_executor(), read_loop(self, session), asio::detached);
+    }
+  }
+
+  // Whether a newly accepted connection may stay: within its source's share, and within the
+  // total (making room by closing the least recently active idle incoming connection).
+  bool admit(const Connection& conn) {
+    const auto source = AddressSource::of(conn.remote_address());
+    if (!source.loopback || options_.limit_loopback()) {
+      auto it = incoming_per_source_.find(source.key);
+      if (it != incoming_per_source_.end() && it->second >= options_.max_connections_per_source()) {
+        log::debug("rpc", "closing a connection from {}: {} connections from that source already", conn.remote_address(),
+                   it->second);
+        return false;
+      }
+    }
+    std::size_t incoming = 0;
+    std::shared_ptr<Session> victim;
+    for (const auto& session : sessions_) {
+      if (!session->key.empty()) continue;
+      ++incoming;
+      if (session->idle() && (!victim || session->last_activity < victim->last_activity)) victim = session;
+    }
+    if (incoming < options_.max_incoming_connections()) return true;
+    if (!victim) {
+      log::debug("rpc", "closing a connection from {}: {} incoming connections, none idle", conn.remote_address(), incoming);
+      return false;
+    }
+    victim->fail(make_error_code(errc::connection_closed));
+    forget(victim);
+    return true;
+  }
+
+  // Closes connections that stayed idle past idle_timeout (outgoing: half of it).
+  void start_sweeper() {
+    if (sweeper_started_ || options_.idle_timeout().count() <= 0) return;
+    sweeper_started_ = true;
+    asio::co_spawn(get_executor(), sweep(this->weak_from_this(), options_.idle_timeout()), asio::detached);
+  }
+
+  static asio::awaitable<void> sweep(std::weak_ptr<Rpc> weak, Seconds idle_timeout) {
+    const Seconds tick = std::min(Seconds(5), idle_timeout / 4);
+    for (;;) {
+      {
+        auto self = weak.lock();
+        if (!self || self->closed_) co_return;
+        const auto now = SteadyClock::now();
+        std::vector<std::shared_ptr<Session>> expired;
+        for (const auto& session : self->sessions_) {
+          const Seconds limit = session->key.empty() ? idle_timeout : idle_timeout / 2;
+          if (session->idle() && now - session->last_activity > limit) expired.push_back(session);
+        }
+        for (auto& session : expired) {
+          log::debug("rpc", "closing idle connection with {}", session->conn->remote_address());
+          session->fail(make_error_code(errc::connection_closed));
+          self->forget(session);
+        }
+      }
+      // No strong reference while waiting: an Rpc nobody holds is destroyed, and the next tick
+      // ends this loop.
+      asio::steady_timer timer(co_await asio::this_coro::executor, deadline_after(tick));
+      co_await timer.async_wait(hive::detail::as_tuple_awaitable);
     }
   }
 
@@ -372,6 +500,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       bool fatal = false;
       try {
         frame = co_await session->conn->read_frame();
+        session->last_activity = SteadyClock::now();
       } catch (const FrameError& e) {
         log::debug("rpc", "bad frame from {}: {}", session->conn->remote_address(), e.what());
         // Tell the sender what was wrong; on a fatal error the stream is then closed.
@@ -381,6 +510,11 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
         reason = e.code();
       } catch (const std::system_error& e) {
         reason = e.code() == asio::error::eof ? make_error_code(errc::connection_closed) : e.code();
+        break;
+      } catch (const std::exception& e) {
+        // std::bad_alloc above all: this connection's frame could not be held; others go on.
+        log::debug("rpc", "closing connection with {}: {}", session->conn->remote_address(), e.what());
+        reason = make_error_code(errc::limit_exceeded);
         break;
       }
       if (complaint && fatal) {
@@ -394,9 +528,21 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       }
       if (frame.kind == FrameKind::request) {
         if (session->active_requests >= self->options_.max_concurrent_requests()) {
+          // A caller that keeps sending while its replies pile up unread is not reading them:
+          // refusals are bounded too, then the connection closes.
+          if (session->refusals >= self->options_.max_concurrent_requests()) {
+            log::debug("rpc", "closing connection with {}: it does not read its replies", session->conn->remote_address());
+            reason = make_error_code(errc::limit_exceeded);
+            break;
+          }
           auto reply = std::make_shared<EncodedFrame>(encode_frame(Frame::make_error(
               frame.call_id, errc::limit_exceeded, "too many concurrent requests on this connection")));
-          asio::co_spawn(self->get_executor(), send_reply(self, session, reply), asio::detached);
+          session->refusals++;
+          self->refused_requests_++;
+          asio::co_spawn(self->get_executor(), [self, session, reply]() -> asio::awaitable<void> {
+            co_await send_reply(self, session, reply);
+            session->refusals--;
+          }, asio::detached);
           continue;
         }
         session->active_requests++;
@@ -455,12 +601,17 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       encoded = std::make_shared<EncodedFrame>(encode_frame(
           Frame::make_error(frame.call_id, errc::limit_exceeded, fmt::format("response not sent: {}", e.what()))));
     }
-    session->active_requests--;
+    // The request counts until its reply is written: a caller that does not read its replies
+    // holds at most max_concurrent_requests of them in this peer's memory.
     co_await send_reply(self, session, encoded);
+    session->active_requests--;
   }
 
   void forget(const std::shared_ptr<Session>& session) {
-    sessions_.erase(session);
+    if (sessions_.erase(session) && session->key.empty()) {
+      if (auto it = incoming_per_source_.find(session->source); it != incoming_per_source_.end() && --it->second == 0)
+        incoming_per_source_.erase(it);
+    }
     if (!session->key.empty()) {
       auto it = outgoing_.find(session->key);
       if (it != outgoing_.end() && it->second == session) outgoing_.erase(it);
@@ -514,6 +665,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       sessions_.insert(session);
       outgoing_[address] = session;
       asio::co_spawn(get_executor(), read_loop(this->shared_from_this(), session), asio::detached);
+      start_sweeper();
       c->session = session;
     } catch (const std::system_error& e) {
       c->error = e.code();
@@ -547,7 +699,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       if (f.kind == FrameKind::error) {
         int code = f.message.header["code"].template get<int>();
         auto text = f.message.header["message"].template get<std::string>();
-        const bool known = code >= static_cast<int>(errc::timeout) && code <= static_cast<int>(errc::invalid_argument);
+        const bool known = code >= static_cast<int>(errc::timeout) && code <= static_cast<int>(errc::round_failed);
         throw RemoteError(known ? static_cast<errc>(code) : errc::remote_error, std::move(text));
       }
       co_return std::move(f.message);
@@ -565,6 +717,12 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   std::set<std::shared_ptr<Session>> sessions_;
   std::unordered_map<std::string, std::shared_ptr<Session>> outgoing_;
   std::unordered_map<std::string, std::shared_ptr<Connecting>> connecting_;
+  std::unordered_map<std::string, std::size_t> incoming_per_source_;
+  hive::detail::Notifier sweeper_wake_;  // wakes the accept back-off at close()
+  std::atomic<std::uint64_t> accept_failures_{0};
+  std::atomic<std::uint64_t> refused_connections_{0};
+  std::atomic<std::uint64_t> refused_requests_{0};
+  bool sweeper_started_ = false;
   bool closed_ = false;
 };
 

@@ -7,11 +7,25 @@
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
 
+#include <sys/resource.h>
+
 #include <optional>
 #include <thread>
 #include <vector>
 
 namespace hive::net {
+
+/// Raises this process's soft limit on open descriptors to its hard limit and returns the new
+/// soft limit. Debian's default soft limit (1024) is too low for a peer that many others
+/// connect to; programs call this at start (the library never changes process limits itself).
+inline rlim_t raise_file_limit() noexcept {
+  rlimit r{};
+  if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return 0;
+  r.rlim_cur = r.rlim_max;
+  ::setrlimit(RLIMIT_NOFILE, &r);
+  ::getrlimit(RLIMIT_NOFILE, &r);
+  return r.rlim_cur;
+}
 
 /// An `asio::io_context` run by a small pool of threads. Peers built on its executor run their
 /// coroutines there; many peers may share one runtime (tests put hundreds on one).

@@ -9,6 +9,7 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/ip/v6_only.hpp>
 #include <asio/read.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/write.hpp>
 
 #include <algorithm>
@@ -28,7 +29,17 @@ struct TcpOptions {
   HIVE_ARG(int, socket_buffer_bytes, 0);
   /// Listen backlog.
   HIVE_ARG(int, backlog, 1024);
-  HIVE_OPTIONS_JSON(TcpOptions, limits, read_buffer_bytes, socket_buffer_bytes, backlog)
+  /// Once a frame's first byte has arrived, the whole frame must arrive within this time plus
+  /// its size at min_receive_rate; otherwise the connection closes (a sender that stalls
+  /// mid-frame holds nothing for long).
+  HIVE_ARG(Seconds, frame_timeout, Seconds(30));
+  /// Slowest sending rate tolerated within a frame, in bytes per second (see frame_timeout).
+  HIVE_ARG(double, min_receive_rate, 16.0 * 1024);
+  /// A frame body larger than this is received into a buffer that grows as its bytes arrive
+  /// (doubling), so a size claimed in a frame prefix costs memory only once it is sent.
+  HIVE_ARG(std::size_t, preallocate_bytes, std::size_t{1} << 20);
+  HIVE_OPTIONS_JSON(TcpOptions, limits, read_buffer_bytes, socket_buffer_bytes, backlog, frame_timeout,
+                    min_receive_rate, preallocate_bytes)
 };
 
 
@@ -47,11 +58,17 @@ class Tcp {
   using executor_type = asio::strand<asio::any_io_executor>;
 
   /// One TCP connection carrying frames.
-  class Connection {
+  class Connection : public std::enable_shared_from_this<Connection> {
    public:
     /// Wraps a connected socket.
     Connection(asio::ip::tcp::socket socket, const Options& options)
-        : socket_(std::move(socket)), limits_(options.limits()), rbuf_(std::max<std::size_t>(options.read_buffer_bytes(), prefix_bytes)) {
+        : socket_(std::move(socket)),
+          limits_(options.limits()),
+          frame_timeout_(options.frame_timeout()),
+          min_rate_(options.min_receive_rate()),
+          preallocate_(std::max<std::size_t>(options.preallocate_bytes(), 1)),
+          rbuf_(std::max<std::size_t>(options.read_buffer_bytes(), prefix_bytes)),
+          watchdog_(socket_.get_executor()) {
       std::error_code ec;
       socket_.set_option(asio::ip::tcp::no_delay(true), ec);
       if (options.socket_buffer_bytes() > 0) {
@@ -62,19 +79,43 @@ class Tcp {
       if (!ec) remote_ = HostPort{ep.address().to_string(), ep.port()}.str();
     }
 
-    /// Reads and decodes the next frame.
+    /// Reads and decodes the next frame. Waiting for a frame to start has no time limit (the
+    /// RPC layer closes idle connections); once it started it must end within frame_timeout
+    /// plus its size at min_receive_rate, or this throws hive::Error(errc::timeout).
     asio::awaitable<Frame> read_frame() {
-      co_await fill(prefix_bytes);
-      const auto prefix = parse_prefix(std::span<const std::byte, prefix_bytes>(rbuf_.data() + begin_, prefix_bytes), limits_);
-      begin_ += prefix_bytes;
-      const std::uint64_t rest = prefix.rest_bytes();
-      auto storage = std::make_shared_for_overwrite<std::byte[]>(std::max<std::uint64_t>(rest, 1));
-      const std::size_t have = std::min<std::uint64_t>(rest, end_ - begin_);
-      std::memcpy(storage.get(), rbuf_.data() + begin_, have);
-      begin_ += have;
-      if (rest > have) co_await asio::async_read(socket_, asio::buffer(storage.get() + have, rest - have), asio::use_awaitable);
-      const std::byte* data = storage.get();
-      co_return decode_frame_rest(prefix, Buffer(std::move(storage), data, rest), limits_);
+      co_await fill(1);
+      arm_watchdog(prefix_bytes);
+      try {
+        co_await fill(prefix_bytes);
+        const auto prefix = parse_prefix(std::span<const std::byte, prefix_bytes>(rbuf_.data() + begin_, prefix_bytes), limits_);
+        begin_ += prefix_bytes;
+        const std::uint64_t rest = prefix.rest_bytes();
+        arm_watchdog(prefix.frame_bytes);
+        const std::size_t have = std::min<std::uint64_t>(rest, end_ - begin_);
+        // Small bodies get their final buffer at once; a large one grows as its bytes arrive.
+        std::uint64_t capacity = rest <= preallocate_ ? rest : std::max<std::uint64_t>(preallocate_, have);
+        auto storage = std::make_shared_for_overwrite<std::byte[]>(std::max<std::uint64_t>(capacity, 1));
+        std::memcpy(storage.get(), rbuf_.data() + begin_, have);
+        begin_ += have;
+        std::uint64_t got = have;
+        while (got < rest) {
+          if (got == capacity) {
+            const std::uint64_t grown = std::min<std::uint64_t>(rest, capacity * 2);
+            auto bigger = std::make_shared_for_overwrite<std::byte[]>(grown);
+            std::memcpy(bigger.get(), storage.get(), got);
+            storage = std::move(bigger);
+            capacity = grown;
+          }
+          got += co_await socket_.async_read_some(asio::buffer(storage.get() + got, capacity - got), asio::use_awaitable);
+        }
+        disarm_watchdog();
+        const std::byte* data = storage.get();
+        co_return decode_frame_rest(prefix, Buffer(std::move(storage), data, rest), limits_);
+      } catch (const std::system_error&) {
+        disarm_watchdog();
+        if (!timed_out_) throw;
+        throw Error(errc::timeout, fmt::format("{}: a frame did not arrive within its time limit", remote_));
+      }
     }
 
     /// Writes one encoded frame with a single gathered write.
@@ -99,7 +140,31 @@ class Tcp {
     /// The remote endpoint as "host:port".
     [[nodiscard]] std::string remote_address() const { return remote_; }
 
+    /// True while a frame is partly received (the RPC layer does not close such a connection
+    /// as idle; the frame's own time limit bounds it).
+    [[nodiscard]] bool receiving() const noexcept { return receiving_; }
+
    private:
+    // Closes the socket unless the frame being read ends within its allowance.
+    void arm_watchdog(std::uint64_t frame_bytes) {
+      receiving_ = true;
+      const double allowance = std::min(1e7, frame_timeout_.count() + (min_rate_ > 0 ? static_cast<double>(frame_bytes) / min_rate_ : 0.0));
+      watchdog_.expires_at(deadline_after(Seconds(allowance)));
+      const auto generation = ++watchdog_generation_;
+      watchdog_.async_wait([weak = this->weak_from_this(), generation](std::error_code ec) {
+        auto self = weak.lock();
+        if (ec || !self || self->watchdog_generation_ != generation) return;
+        self->timed_out_ = true;
+        std::error_code ignored;
+        self->socket_.close(ignored);
+      });
+    }
+    void disarm_watchdog() {
+      receiving_ = false;
+      ++watchdog_generation_;
+      watchdog_.cancel();
+    }
+
     asio::awaitable<void> fill(std::size_t n) {
       if (end_ - begin_ >= n) co_return;
       if (begin_ > 0) {
@@ -113,9 +178,16 @@ class Tcp {
 
     asio::ip::tcp::socket socket_;
     Limits limits_;
+    Seconds frame_timeout_;
+    double min_rate_;
+    std::uint64_t preallocate_;
     std::vector<std::byte> rbuf_;
     std::size_t begin_ = 0, end_ = 0;
     std::string remote_;
+    asio::steady_timer watchdog_;
+    std::uint64_t watchdog_generation_ = 0;
+    bool timed_out_ = false;
+    bool receiving_ = false;
   };
   /// The connection type (net::Connection).
   using connection_type = Connection;

@@ -9,6 +9,8 @@
 #include <hive/detail/asio_compat.hpp>
 #include <hive/net/frame.hpp>
 
+#include <asio/ip/address.hpp>
+
 #include <charconv>
 #include <concepts>
 #include <cstdint>
@@ -54,6 +56,37 @@ struct HostPort {
   /// Formats back to "host:port", bracketing IPv6 hosts.
   [[nodiscard]] std::string str() const {
     return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
+  }
+};
+
+/// Who an address belongs to, for per-source limits: the host of "host:port", with an IPv6
+/// address cut to its /64 prefix (one home or one cloud machine gets a whole /64), and
+/// `loopback` set for 127.0.0.0/8 and ::1. A host that is not an IP address stands for itself.
+struct AddressSource {
+  /// The host, or "v6prefix/64" for IPv6.
+  std::string key;
+  /// True for loopback addresses.
+  bool loopback = false;
+
+  /// The source of "host:port" (or of a bare host).
+  static AddressSource of(std::string_view address) {
+    std::string host(address);
+    try {
+      host = HostPort::parse(address).host;
+    } catch (const Error&) {
+    }
+    std::error_code ec;
+    const auto ip = asio::ip::make_address(host, ec);
+    if (ec) return {host, false};
+    if (ip.is_v4()) return {host, ip.is_loopback()};
+    auto v6 = ip.to_v6();
+    if (v6.is_v4_mapped()) {
+      const auto v4 = asio::ip::make_address_v4(asio::ip::v4_mapped, v6);
+      return {v4.to_string(), v4.is_loopback()};
+    }
+    auto bytes = v6.to_bytes();
+    std::fill(bytes.begin() + 8, bytes.end(), 0);
+    return {asio::ip::address_v6(bytes).to_string() + "/64", v6.is_loopback()};
   }
 };
 
