@@ -16,7 +16,10 @@
 
 #include <unistd.h>
 
+#include <cmath>
+#include <chrono>
 #include <iostream>
+#include <thread>
 
 namespace {
 
@@ -46,6 +49,8 @@ background. Prints the --initial_peers line that other peers join with.
   --compression C        none, float16, uniform8, quantile8 (default float16)
   --no_load_state        do not download the state of a peer when joining
   --no_final_average     skip the last synchronous round after training
+  --wait_for_peers N     before the last round, wait (up to 60 s) until N peers of the run have
+                         finished training, so that the last round gathers them all (default 0)
   --alone                no swarm at all: train alone (the baseline)
   --threads N            torch compute threads (default 1: several peers share this machine)
   --quiet                no per-round log lines
@@ -56,6 +61,7 @@ struct Flags {
   std::string listen_on = "127.0.0.1:0", announce_host, data_dir, prefix = "averaging_peer";
   std::string compression = "float16";
   bool client_mode = false, load_state = true, final_average = true, alone = false, quiet = false;
+  std::size_t wait_for_peers = 0;
   std::int64_t shard = 0, shards = 1, train_samples = 12000, test_samples = 2000, batch = 32;
   int epochs = 2, threads = 1;
   std::uint64_t seed = 0;
@@ -99,6 +105,7 @@ Flags parse(int argc, char** argv) {
     else if (flag == "--compression") f.compression = value();
     else if (flag == "--no_load_state") f.load_state = false;
     else if (flag == "--no_final_average") f.final_average = false;
+    else if (flag == "--wait_for_peers") f.wait_for_peers = std::stoul(value());
     else if (flag == "--alone") f.alone = true;
     else if (flag == "--quiet") f.quiet = true;
     else if (flag == "--threads") f.threads = std::stoi(value());
@@ -229,9 +236,42 @@ int main(int argc, char** argv) try {
   }
 
   if (trainer && flags.final_average) {
-    // Peers finish at different times: one last round with whoever is averaging now.
+    // Peers finish at different times: one last round with whoever is averaging now, or,
+    // with --wait_for_peers, with everyone once they all have finished (a barrier in the DHT:
+    // each finished peer adds itself to a dictionary and waits until it is full).
+    if (flags.wait_for_peers > 0) {
+      // A background round still running would mix this peer's mid-training parameters
+      // into the others' last round: finish it first.
+      trainer->optimizer().wait_for_round(hive::Seconds(60));
+      auto& dht = trainer->dht();
+      const auto key = flags.prefix + ".finished";
+      const auto me = trainer->address().empty() ? dht.peer_id().hex() : trainer->address();
+      dht.store(key, true, dht.node()->now() + 300, hive::dht::Subkey(me));
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      std::size_t finished = 0;
+      while (std::chrono::steady_clock::now() < give_up) {
+        auto record = dht.get(key, /*latest=*/true);
+        finished = record ? record->dictionary.size() : 0;
+        if (finished >= flags.wait_for_peers) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the DHT offers no event to wait on
+      }
+      fmt::print("{} of {} peers have finished training\n", finished, flags.wait_for_peers);
+    }
     auto r = trainer->optimizer().average_now();
     if (!r.ok) fmt::print("The last averaging round found no group ({}); keeping the local parameters\n", r.error);
+    else fmt::print("The last averaging round had {} peers\n", r.group_size);
+    const auto st = trainer->optimizer().stats();
+    fmt::print("averaging: {} of {} rounds averaged\n", st.averaged, st.rounds);
+  }
+  {
+    // A fingerprint of the parameters, to compare peers (equal after a round they shared).
+    torch::NoGradGuard no_grad;
+    double sum = 0, sq = 0;
+    for (const auto& p : model->parameters()) {
+      sum += p.sum().item<double>();
+      sq += p.pow(2).sum().item<double>();
+    }
+    fmt::print("parameters: sum {:.6f} norm {:.6f}\n", sum, std::sqrt(sq));
   }
   const double acc = accuracy(model, test);
   const auto samples = static_cast<std::int64_t>(flags.epochs) * steps_per_epoch * flags.batch;

@@ -2,7 +2,7 @@
 // requests of many clients and trains the experts on every backward. Stops cleanly on SIGINT
 // or SIGTERM (writing a last checkpoint when --checkpoint_dir is set).
 //
-//   hive-server --expert_cls ffn --hidden_dim 512 --num_experts 5 --listen_on 0.0.0.0:1337
+//   hive-server --expert_cls ffn --hidden_dim 512 --num_experts 5 --listen_on 0.0.0.0:1337 [--dht_port 1338]
 
 #include <hive/moe/server.hpp>
 
@@ -33,13 +33,16 @@ experts (one of --num_experts, --expert_pattern, --expert_uids):
   --hidden_dim N             expert width (default 1024)
   --num_experts N            serve N experts: expert.0 ... expert.N-1, or N drawn from --expert_pattern
   --expert_pattern P         uids like expert.[0:32].[0:32]: all of them, or --num_experts of them at random
+                             (also spelled --uid_space)
   --expert_uids A,B,...      exactly these uids
   --seed N                   seed for drawing uids from a pattern (default: random)
 
 network:
-  --listen_on HOST:PORT      where to listen for clients and DHT peers (default 0.0.0.0:0)
+  --listen_on HOST:PORT      where to listen for clients (and DHT peers, unless --dht_port) (default 0.0.0.0:0)
+  --dht_port PORT            serve the DHT on this port of the same host, the experts on --listen_on's
   --initial_peers A,B,...    DHT peers to join through (default: start a new swarm)
-  --announce_host HOST       host announced instead of a wildcard listen address (default 127.0.0.1)
+  --announce_host HOST       host announced instead of a wildcard listen address (default: the host
+                             other peers see this one at, else this machine's interface address)
   --update_period SECONDS    how often experts are re-announced (default 30)
 
 batching and compute:
@@ -58,6 +61,8 @@ training:
 
   --config FILE              ServerOptions as JSON (see docs/moe.md); flags given after it override it
   --help                     this text
+
+Flags may also be spelled with dashes (--initial-peers).
 )";
 
 using hive::examples::split_commas;
@@ -74,6 +79,8 @@ int main(int argc, char** argv) try {
   std::optional<std::size_t> num_experts;
   std::optional<std::uint64_t> seed;
   std::vector<std::string> uids;
+  std::optional<std::string> listen_on;
+  std::optional<std::uint16_t> dht_port;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
@@ -92,14 +99,18 @@ int main(int argc, char** argv) try {
       hidden_dim = std::stoll(value());
     } else if (flag == "--num_experts") {
       num_experts = std::stoull(value());
-    } else if (flag == "--expert_pattern") {
+    } else if (flag == "--expert_pattern" || flag == "--uid_space") {
       pattern = value();
     } else if (flag == "--expert_uids") {
       uids = split_commas(value());
     } else if (flag == "--seed") {
       seed = std::stoull(value());
     } else if (flag == "--listen_on") {
-      options.dht().listen_on(value());
+      listen_on = value();
+    } else if (flag == "--dht_port") {
+      const auto port = std::stoul(value());
+      if (port > 65535) throw hive::InvalidArgument(fmt::format("--dht_port {} is not a port", port));
+      dht_port = static_cast<std::uint16_t>(port);
     } else if (flag == "--initial_peers") {
       for (auto& p : split_commas(value())) options.dht().initial_peers().push_back(p);
     } else if (flag == "--announce_host") {
@@ -131,6 +142,18 @@ int main(int argc, char** argv) try {
     }
   }
 
+  if (listen_on) {
+    if (dht_port) {
+      // The experts on --listen_on, the DHT on the same host's --dht_port.
+      options.listen_on(*listen_on);
+      options.dht().listen_on(hive::net::HostPort{hive::net::HostPort::parse(*listen_on).host, *dht_port}.str());
+    } else {
+      options.dht().listen_on(*listen_on);
+    }
+  } else if (dht_port) {
+    options.dht().listen_on(hive::net::HostPort{"0.0.0.0", *dht_port}.str());
+  }
+
   const int given = !uids.empty() + !pattern.empty();
   if (given > 1) throw hive::InvalidArgument("give either --expert_uids or --expert_pattern, not both");
   if (uids.empty() && !pattern.empty()) {
@@ -150,7 +173,8 @@ int main(int argc, char** argv) try {
   hive::DefaultServer server(hive::moe::make_backends(expert_cls, uids, hidden_dim, backend), options);
   fmt::print("Running a server at {} with {} {} experts (hidden_dim {}): {}\n", server.address(), uids.size(),
              expert_cls, hidden_dim, fmt::join(uids, ", "));
-  fmt::print("To join this swarm or call its experts, use --initial_peers {}\n", server.address());
+  if (server.dht_address() != server.address()) fmt::print("Its DHT peer listens at {}\n", server.dht_address());
+  fmt::print("To join this swarm or call its experts, use --initial_peers {}\n", server.dht_address());
   std::fflush(stdout);
 
   bool stop = false;

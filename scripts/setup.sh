@@ -14,6 +14,7 @@ packages=(
   cmake
   g++
   ccache
+  iproute2              # the multi-host tests build their hosts from network namespaces (ip netns)
 )
 
 missing=()

@@ -130,6 +130,26 @@ void check_group_average(std::size_t n, std::vector<double> weights, Compression
 
 }  // namespace
 
+TEST_CASE("averaging: peers whose clocks disagree by up to 3 s (each way) still average in one group") {
+  // Injected clocks, not sleeps: each peer's DHT reads and writes absolute times shifted.
+  const std::vector<double> offsets{-3.0, -1.0, 1.0, 3.0};
+  std::vector<std::unique_ptr<DHT>> dhts;
+  for (std::size_t i = 0; i < offsets.size(); ++i) {
+    auto options = DHTOptions().listen_on("127.0.0.1:0").node(dht::NodeOptions().clock_offset(Seconds(offsets[i])));
+    if (i > 0) options.initial_peers(dhts[0]->visible_addresses());
+    dhts.push_back(std::make_unique<DHT>(options));
+  }
+  // A record stored by the peer that runs 3 s behind is read by the one 3 s ahead.
+  CHECK(dhts[0]->store("skewed", "value", dhts[0]->node()->now() + 10));
+  auto got = dhts[3]->get("skewed", true);
+  REQUIRE(got);
+  CHECK(got->value->value == "value");
+
+  Peers peers(std::move(dhts), 0, fast("skew", 4).matchmaking_time(Seconds(2)));
+  auto results = step_all(peers.averagers);
+  check_averaged(results, peers, expected_mean(peers.before, {1, 1, 1, 1}), 4);
+}
+
 TEST_CASE("averaging: group keys, parts and chunks") {
   averaging::GroupKeys keys("run", "0110");
   CHECK(keys.group_key() == "run.0b0110");

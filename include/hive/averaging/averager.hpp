@@ -26,6 +26,10 @@ namespace hive::averaging {
 /// Method a peer calls on a group leader to join its group (a long call: the reply comes when
 /// the group forms or the leader gives up).
 inline constexpr std::string_view join_method = "avg.join";
+/// How far apart the clocks of two peers may be for matchmaking to work: two machines each
+/// up to 3 s off (hivemind's bound) disagree by up to 6 s. Announcements outlive their
+/// deadlines by this much, and a leader whose deadline seems up to this much past is asked.
+inline constexpr double max_clock_offset = 6.0;
 /// Method that downloads a part of a peer's shared state.
 inline constexpr std::string_view state_method = "avg.state";
 
@@ -374,13 +378,15 @@ class DecentralizedAverager {
       if (!record) co_return out;
       auto decoded = dht_type::decode(*record);
       if (!decoded) co_return out;
-      const double now = wall_time();
+      const double now = node->now();
       for (const auto& [subkey, v] : decoded->dictionary) {
         const auto* a = std::get_if<std::string>(&subkey);
         if (!a || *a == address || !v.value.is_object() || !v.value.contains("deadline") || !v.value["deadline"].is_number())
           continue;
         Candidate c{*a, v.value["deadline"].template get<double>()};
-        if (c.deadline <= now) continue;
+        // Clocks of separate machines differ: a leader whose deadline seems just past may still
+        // be looking (it says so if not).
+        if (c.deadline + max_clock_offset <= now) continue;
         if (v.value.value("schema", std::string()) != schema || !v.value.value("looking", true)) continue;
         // Join only peers that rank before this one, so that no two peers wait on each other.
         if (!client_mode && std::tie(c.deadline, c.address) >= std::tie(my_deadline_wall, address)) continue;
@@ -409,7 +415,7 @@ class DecentralizedAverager {
           for (const auto& m : w->block) followers.push_back(m);
         request.header["followers"] = std::move(followers);
       }
-      const auto wait = Seconds(std::max(0.0, leader.deadline - wall_time())) + options.request_timeout();
+      const auto wait = Seconds(std::max(0.0, leader.deadline - node->now()) + max_clock_offset) + options.request_timeout();
       try {
         auto op = rpc->co_call(leader.address, std::string(join_method), std::move(request), wait);
         Message reply = co_await std::move(op);
@@ -442,7 +448,7 @@ class DecentralizedAverager {
     // Finds a group until `end`: joins a better-ranked leader, or leads one.
     asio::awaitable<std::optional<GroupInfo>> matchmake(Deadline end, nlohmann::json gathered, std::string& why) {
       my_deadline = end;
-      my_deadline_wall = wall_time() + std::chrono::duration_cast<Seconds>(end - SteadyClock::now()).count();
+      my_deadline_wall = node->now() + std::chrono::duration_cast<Seconds>(end - SteadyClock::now()).count();
       waiters.clear();
       my_gathered = gathered;
       phase = Phase::looking;
@@ -450,7 +456,9 @@ class DecentralizedAverager {
       if (!client_mode) {
         std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(address),
                                            nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", schema}}),
-                                           my_deadline_wall}};
+                                           // outlives the deadline by the clock tolerance, so that
+                                           // replicas whose clocks run ahead still hold it
+                                           my_deadline_wall + max_clock_offset}};
         auto op = node->store_many(std::move(items));
         auto stored = co_await std::move(op);
         if (!stored.at(0)) log::debug("averaging", "announcing {} under {} reached no replica", address, key);
@@ -517,10 +525,10 @@ class DecentralizedAverager {
     // Overwrites this peer's announcement under the group key with "not looking" (a record
     // that expires a moment later wins), so that others stop asking it; in the background.
     void withdraw() {
-      if (client_mode || my_deadline_wall <= wall_time()) return;
+      if (client_mode || my_deadline_wall + max_clock_offset <= node->now()) return;
       std::vector<dht::StoreItem> items{{Id160::of(keys.group_key()), dht::Subkey(address),
                                          nlohmann::json::to_msgpack(nlohmann::json{{"looking", false}}),
-                                         my_deadline_wall + 1e-3}};
+                                         my_deadline_wall + max_clock_offset + 1e-3}};
       auto op = [self = this->shared_from_this(), items = std::move(items)]() mutable -> asio::awaitable<void> {
         try {
           auto store = self->node->store_many(std::move(items));
@@ -600,7 +608,7 @@ class DecentralizedAverager {
       if (declaring) co_return;
       declaring = true;
       while (!closed && provider) {
-        const double expiration = wall_time() + 2 * options.declare_state_period().count();
+        const double expiration = node->now() + 2 * options.declare_state_period().count();
         std::vector<dht::StoreItem> items{{Id160::of(keys.state_key()), dht::Subkey(address),
                                            nlohmann::json::to_msgpack(nlohmann::json{{"priority", priority.load()}}), expiration}};
         try {

@@ -8,6 +8,8 @@
 #include <hive/net/simulated.hpp>
 #include <hive/net/tcp.hpp>
 
+#include <fmt/ranges.h>
+
 #include <future>
 #include <map>
 #include <optional>
@@ -22,7 +24,8 @@ struct DHTOptions {
   HIVE_ARG(std::vector<std::string>, initial_peers, {});
   /// Where to listen; port 0 picks a free one. Ignored in client mode.
   HIVE_ARG(std::string, listen_on, "0.0.0.0:0");
-  /// Host to announce instead of a wildcard listen address (e.g. a public IP); empty: loopback.
+  /// Host to announce instead of a wildcard listen address (a public IP behind port
+  /// forwarding); empty: what other peers observe, else the interface addresses.
   HIVE_ARG(std::string, announce_host, "");
   /// Query and store without accepting connections.
   HIVE_ARG(bool, client_mode, false);
@@ -93,8 +96,9 @@ class BasicDHT {
         asio::co_spawn(runtime_.executor(), node_->bootstrap(options_.initial_peers()), asio::use_future).get();
     if (!options_.initial_peers().empty() && answered == 0 && options_.require_bootstrap()) {
       node_->close();
-      throw Error(errc::connection_refused,
-                  fmt::format("none of the {} initial peers answered", options_.initial_peers().size()));
+      throw Error(errc::connection_refused, fmt::format("none of the {} initial peers answered ({})",
+                                                        options_.initial_peers().size(),
+                                                        fmt::join(node_->bootstrap_failures(), "; ")));
     }
   }
   BasicDHT(const BasicDHT&) = delete;
@@ -113,17 +117,12 @@ class BasicDHT {
     runtime_.stop();
   }
 
-  /// Addresses another peer passes as initial peers to join through this one (empty in client
-  /// mode). A wildcard listen host is replaced by announce_host, or by loopback.
+  /// Addresses other peers reach this one at, best first (empty in client mode): the listen
+  /// address when it is specific; for a wildcard, announce_host, or the hosts other peers saw
+  /// this one connect from, then this machine's interface addresses, loopback last. These are
+  /// what the join line prints and what experts and averagers are announced at.
   [[nodiscard]] std::vector<std::string> visible_addresses() const {
-    auto address = node_->address();
-    if (address.empty()) return {};
-    auto hp = net::HostPort::parse(address);
-    if (hp.host == "0.0.0.0" || hp.host == "::") {
-      if (!options_.announce_host().empty()) hp.host = options_.announce_host();
-      else hp.host = hp.host == "::" ? "::1" : "127.0.0.1";
-    }
-    return {hp.str()};
+    return node_->announce_addresses(options_.announce_host());
   }
 
   /// This peer's id.

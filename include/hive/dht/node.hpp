@@ -11,12 +11,14 @@
 #include <hive/dht/blacklist.hpp>
 #include <hive/dht/routing.hpp>
 #include <hive/dht/storage.hpp>
+#include <hive/net/address.hpp>
 #include <hive/net/rpc.hpp>
 
 #include <algorithm>
 #include <concepts>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -71,11 +73,15 @@ struct NodeOptions {
   HIVE_ARG(StorageOptions, cache, StorageOptions{}.max_keys(10000));
   /// Back-off for peers that did not answer.
   HIVE_ARG(BlacklistOptions, blacklist, BlacklistOptions{});
+  /// Added to this machine's clock wherever this peer reads or writes an absolute time
+  /// (record expirations, averaging deadlines): emulates machines whose clocks disagree, in
+  /// tests, or corrects a machine known to be off. Peers tolerate ±3 s between them.
+  HIVE_ARG(Seconds, clock_offset, Seconds(0));
   /// Bytes of records one dht.find reply carries at most; past it, records are left out or
   /// dictionaries cut to their latest subkeys (flagged "t"), so that no reply outgrows a frame.
   HIVE_ARG(std::size_t, max_find_reply_bytes, std::size_t{8} << 20);
   HIVE_OPTIONS_JSON(NodeOptions, num_replicas, wait_timeout, client_mode, cache_on_store, refresh_period,
-                    cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes)
+                    cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes, clock_offset)
 };
 
 /// One item of a store: a key (already hashed), an optional subkey, a value, its expiration.
@@ -257,10 +263,28 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   [[nodiscard]] const Id160& id() const noexcept { return id_; }
   /// The underlying RPC peer (to serve more methods on the same port).
   [[nodiscard]] const std::shared_ptr<rpc_type>& rpc() const noexcept { return rpc_; }
-  /// The address others reach this peer at (empty in client mode or before start()).
+  /// The address this peer listens at, as bound (may be a wildcard; empty in client mode or
+  /// before listen()). Peers on other hosts need announce_addresses().
   [[nodiscard]] std::string address() const { return rpc_->listen_address(); }
+
+  /// The addresses other hosts reach this peer at, best first (see net::announce_addresses):
+  /// the listen address when it is specific; for a wildcard, `announce_host`, or the hosts
+  /// other peers observed this one at, then the interface addresses. Empty in client mode.
+  /// Thread-safe.
+  [[nodiscard]] std::vector<std::string> announce_addresses(std::string_view announce_host = {}) const {
+    return net::announce_addresses(address(), announce_host, observed_.ranked());
+  }
+
+  /// Why each initial peer that did not answer the last bootstrap failed ("address: reason").
+  [[nodiscard]] std::vector<std::string> bootstrap_failures() const {
+    std::lock_guard lock(failures_mutex_);
+    return bootstrap_failures_;
+  }
   /// The options.
   [[nodiscard]] const NodeOptions& options() const noexcept { return options_; }
+  /// This peer's clock: wall_time() plus options().clock_offset(); the time base of every
+  /// expiration and deadline it reads or writes.
+  [[nodiscard]] double now() const noexcept { return wall_time() + options_.clock_offset().count(); }
 
   /// Registers the protocol handlers and listens on `listen_on` unless in client mode.
   void listen(std::string_view listen_on) {
@@ -276,13 +300,25 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       auto pending = std::make_shared<std::size_t>(peers.size());
       auto all = std::make_shared<hive::detail::Event>();
       if (peers.empty()) all->set();
+      auto failures = std::make_shared<std::vector<std::string>>();
       for (const auto& address : peers) {
-        asio::co_spawn(self->executor(), [self, address, count, pending, all]() -> asio::awaitable<void> {
-          if (co_await self->ping(address)) ++*count;
+        asio::co_spawn(self->executor(), [self, address, count, pending, all, failures]() -> asio::awaitable<void> {
+          if (co_await self->ping(address)) {
+            ++*count;
+          } else {
+            auto why = self->last_failures_.find(address);
+            failures->push_back(fmt::format("{}: {}", address,
+                                            why == self->last_failures_.end() ? "no answer" : why->second));
+          }
           if (--*pending == 0) all->set();
         }, asio::detached);
       }
-      co_await all->wait(deadline_after(self->options_.wait_timeout() * 2));
+      if (!co_await all->wait(deadline_after(self->options_.wait_timeout() * 2)))
+        failures->push_back("some initial peers did not answer in time");
+      {
+        std::lock_guard lock(self->failures_mutex_);
+        self->bootstrap_failures_ = *failures;
+      }
       const std::size_t answered = *count;
       if (answered > 0) co_await self->lookup(self->id_, /*want_value=*/false, /*latest=*/false);
       self->start_upkeep();
@@ -338,7 +374,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   /// Keys held in this peer's own storage and cache.
   asio::awaitable<std::pair<std::size_t, std::size_t>> storage_size() {
     auto op = [self = this->shared_from_this()]() -> asio::awaitable<std::pair<std::size_t, std::size_t>> {
-      const double now = wall_time();
+      const double now = self->now();
       self->storage_.purge(now);
       self->cache_.purge(now);
       co_return std::pair{self->storage_.size(), self->cache_.size()};
@@ -386,21 +422,30 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         co_return co_await std::move(op);
       };
     };
-    rpc_->add_handler("dht.ping", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
-      self->learn_sender(m.header);
-      co_return Message{self->sender(), {}};
+    // A ping's reply tells the caller the host it was seen at ("you"), so that a peer on a
+    // wildcard address learns what others reach it at.
+    rpc_->add_handler("dht.ping", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+      self->learn_sender(m.header, ctx.remote_address);
+      auto reply = self->sender();
+      try {
+        reply["you"] = net::HostPort::parse(ctx.remote_address).host;
+      } catch (const Error&) {
+      }
+      co_return Message{std::move(reply), {}};
     }));
     rpc_->add_handler("dht.store", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
-      co_return self->serve_store(m, net::AddressSource::of(ctx.remote_address).key);
+      co_return self->serve_store(m, ctx.remote_address);
     }));
-    rpc_->add_handler("dht.find", guard([](std::shared_ptr<Node> self, net::CallContext, Message m) -> asio::awaitable<Message> {
-      co_return self->serve_find(m);
+    rpc_->add_handler("dht.find", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+      co_return self->serve_find(m, ctx.remote_address);
     }));
   }
 
   // A requester that gives an address is checked with a ping before it enters the table:
-  // anyone can claim any address.
-  void learn_sender(const nlohmann::json& header) {
+  // anyone can claim any address. The address kept is the one it called from (`remote`'s
+  // host) with the port it claims to listen on: a wildcard, loopback or foreign host in the
+  // claim never reaches the table.
+  void learn_sender(const nlohmann::json& header, const std::string& remote) {
     if (!header.is_object()) return;
     auto from = header.find("from");
     if (from == header.end() || !from->is_object() || !from->contains("addr") || !(*from)["addr"].is_string()) return;
@@ -410,7 +455,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     } catch (const std::exception&) {
       return;
     }
-    auto address = (*from)["addr"].template get<std::string>();
+    const auto address = net::reachable_address((*from)["addr"].template get<std::string>(), remote);
     if (id == id_ || address.empty()) return;
     if (auto known = table_.find(id); known && known->address == address) {
       table_.mark_alive(id);
@@ -426,12 +471,13 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
   // Stores are charged to the caller's source (its IP, or IPv6 /64), so that one caller
   // filling this peer's storage gives way to others before they are refused (Storage).
-  Message serve_store(const Message& m, const std::string& source) {
+  Message serve_store(const Message& m, const std::string& remote) {
     const auto& h = m.header;
     if (!h.is_object() || !h.contains("items") || !h["items"].is_array())
       throw Error(errc::bad_header, "dht.store needs an array of items");
-    learn_sender(h);
-    const double now = wall_time();
+    learn_sender(h, remote);
+    const auto source = net::AddressSource::of(remote).key;
+    const double now = this->now();
     nlohmann::json results = nlohmann::json::array();
     for (const auto& item : h["items"]) {
       // [key, subkey|null, value, expiration, in_cache]
@@ -460,12 +506,12 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     return Message{nlohmann::json{{"from", sender()}, {"results", std::move(results)}}, {}};
   }
 
-  Message serve_find(const Message& m) {
+  Message serve_find(const Message& m, const std::string& remote) {
     const auto& h = m.header;
     if (!h.is_object() || !h.contains("keys") || !h["keys"].is_array())
       throw Error(errc::bad_header, "dht.find needs an array of keys");
     if (h["keys"].size() > 4096) throw Error(errc::limit_exceeded, "dht.find takes at most 4096 keys");
-    learn_sender(h);
+    learn_sender(h, remote);
     std::optional<Id160> requester;
     if (h.contains("from") && h["from"].is_object() && h["from"].contains("id")) {
       try {
@@ -488,7 +534,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     // dictionary stays readable instead of making every reply fail.
     std::size_t budget = static_cast<std::size_t>(
         std::min<std::uint64_t>(options_.max_find_reply_bytes(), rpc_->transport().limits().max_frame_bytes() / 2));
-    const double now = wall_time();
+    const double now = this->now();
     nlohmann::json results = nlohmann::json::array();
     for (const auto& key : keys) {
       nlohmann::json r = nlohmann::json::object();
@@ -540,7 +586,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   // we are the nearest holder we know of, so that only one peer sends each key.
   void hand_over_keys(const NodeInfo& newcomer) {
     if (options_.client_mode()) return;
-    const double now = wall_time();
+    const double now = this->now();
     std::vector<StoreItem> items;
     for (auto& [key, record] : storage_.items(now)) {
       // The newcomer is a replica if fewer than num_replicas peers we know (this one included)
@@ -586,6 +632,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     }
     if (!out) {
       log::debug("dht", "{} on {} failed: {}", method, address, failure);
+      if (last_failures_.size() >= 1024) last_failures_.clear();
+      last_failures_[address] = failure.empty() ? "malformed reply" : failure;
       saw_dead(id, address);
     }
     co_return out;
@@ -594,8 +642,13 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   asio::awaitable<std::optional<Id160>> ping_on_strand(const std::string& address) {
     if (blacklist_.is_banned(address)) co_return std::nullopt;
     Message request{nlohmann::json{{"from", sender()}}, {}};
-    auto op = call_peer(std::nullopt, address, "dht.ping", std::move(request),
-                        [](const Message& m) { return detail::id_from_json(m.header.at("id")); });
+    auto op = call_peer(std::nullopt, address, "dht.ping", std::move(request), [this](const Message& m) {
+      auto id = detail::id_from_json(m.header.at("id"));
+      if (auto you = m.header.find("you");
+          you != m.header.end() && you->is_string() && you->template get_ref<const std::string&>().size() <= 64)
+        observed_.add(you->template get<std::string>());
+      return id;
+    });
     auto id = co_await std::move(op);
     if (id) saw_alive(*id, address);
     co_return id;
@@ -669,7 +722,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     auto state = std::make_shared<LookupState>();
     state->key = key;
     for (const auto& n : table_.nearest(key, K)) state->candidates.emplace(n.id ^ key, n);
-    const double now = wall_time();
+    const double now = this->now();
     const auto deadline = deadline_after(options_.wait_timeout() * 10);
     for (;;) {
       if (closed_) throw Error(errc::shutdown, "dht peer is closed");
@@ -697,7 +750,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
             state->failed.insert(peer.id);
           } else {
             state->answered.insert(peer.id);
-            if (reply->record) detail::merge_record(state->record, *reply->record, wall_time());
+            if (reply->record) detail::merge_record(state->record, *reply->record, self->now());
             else state->lacking.push_back(peer);
             for (auto& n : reply->peers)
               if (n.id != self->id_ && !state->failed.contains(n.id)) state->candidates.emplace(n.id ^ state->key, n);
@@ -720,7 +773,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   }
 
   asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest) {
-    const double now = wall_time();
+    const double now = this->now();
     std::optional<Record> local;
     if (auto own = storage_.get(key, now)) detail::merge_record(local, *own, now);
     if (auto cached = cache_.get(key, now)) {
@@ -729,7 +782,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     }
     if (local && !latest) co_return local;
     auto result = co_await lookup(key, true, latest);
-    if (local) detail::merge_record(result.record, *local, wall_time());
+    if (local) detail::merge_record(result.record, *local, this->now());
     if (result.record && options_.cache_on_store() && !result.lacking.empty()) {
       std::vector<StoreItem> items;
       append_items(items, key, *result.record);
@@ -779,7 +832,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
       for (std::size_t i = 0; i < all.size() && i < options_.num_replicas(); ++i) replicas.push_back(all[i].second);
     }
-    const double now = wall_time();
+    const double now = this->now();
     auto remaining = std::make_shared<std::size_t>(replicas.size());
     auto done = std::make_shared<hive::detail::Event>();
     if (replicas.empty()) done->set();
@@ -821,7 +874,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     while (!self->closed_) {
       co_await self->upkeep_wake_.wait(deadline_after(tick));
       if (self->closed_) break;
-      const double now = wall_time();
+      const double now = self->now();
       // Re-fetch watched cache entries that are about to expire.
       std::vector<Id160> refresh;
       for (auto it = self->watched_cache_keys_.begin(); it != self->watched_cache_keys_.end();) {
@@ -844,8 +897,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
             std::vector<StoreItem> items;
             append_items(items, key, *result.record);
             for (const auto& it : items)
-              (it.subkey ? self->cache_.store_subkey(it.key, *it.subkey, it.value, it.expiration, wall_time())
-                         : self->cache_.store(it.key, it.value, it.expiration, wall_time()));
+              (it.subkey ? self->cache_.store_subkey(it.key, *it.subkey, it.value, it.expiration, self->now())
+                         : self->cache_.store(it.key, it.value, it.expiration, self->now()));
           }
         } catch (const std::exception& e) {
           log::debug("dht", "cache refresh failed: {}", e.what());
@@ -877,6 +930,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   Blacklist blacklist_;
   std::mt19937_64 rng_;
   std::set<std::string> verifying_;
+  net::ObservedHosts observed_;                          // thread-safe
+  std::map<std::string, std::string> last_failures_;     // address -> why the last call failed
+  mutable std::mutex failures_mutex_;
+  std::vector<std::string> bootstrap_failures_;          // guarded by failures_mutex_
   std::set<Id160> watched_cache_keys_;
   hive::detail::Notifier upkeep_wake_;
   bool upkeep_started_ = false;

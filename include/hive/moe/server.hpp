@@ -32,9 +32,11 @@ inline constexpr std::string_view backward_method = "moe.backward";
 
 /// Run-time knobs of a Server.
 struct ServerOptions {
-  /// The server's DHT peer: where it listens (experts are served on the same port), initial
-  /// peers, announce_host.
+  /// The server's DHT peer: where it listens, initial peers, announce_host.
   HIVE_ARG(DHTOptions, dht, DHTOptions{});
+  /// Where the experts are served ("host:port"); empty serves them on the DHT peer's port.
+  /// A separate port lets a firewall open the two independently (hive-server's --dht_port).
+  HIVE_ARG(std::string, listen_on, "");
   /// Batching knobs, used when the scheduler policy takes moe::BatcherOptions.
   HIVE_ARG(moe::BatcherOptions, batching, moe::BatcherOptions{});
   /// How often the experts are re-announced in the DHT.
@@ -46,13 +48,14 @@ struct ServerOptions {
   HIVE_ARG(std::string, checkpoint_dir, "");
   /// Time between checkpoints.
   HIVE_ARG(Seconds, checkpoint_period, Seconds(300));
-  HIVE_OPTIONS_JSON(ServerOptions, dht, batching, update_period, expiration, checkpoint_dir, checkpoint_period)
+  HIVE_OPTIONS_JSON(ServerOptions, dht, listen_on, batching, update_period, expiration, checkpoint_dir,
+                    checkpoint_period)
 };
 
 /// A peer that hosts experts (the class is declared above with its default policies).
 ///
-/// It serves three methods on its DHT port: moe.info, moe.forward and moe.backward (see
-/// docs/protocol.md). Requests are checked against the expert's schemas on the io thread, then
+/// It serves three methods on its DHT port, or on a port of their own (ServerOptions::listen_on):
+/// moe.info, moe.forward and moe.backward (see docs/protocol.md). Requests are checked against the expert's schemas on the io thread, then
 /// queued in the scheduler, which merges rows from many clients into batches and runs them on
 /// its compute threads; every backward updates the expert. The experts are announced in the
 /// DHT at start and every update_period.
@@ -119,8 +122,16 @@ class Server {
     HIVE_CHECK(!options_.dht().client_mode(), "a server must accept connections: dht.client_mode must be false");
     scheduler_.start();
     try {
+      if constexpr (std::is_same_v<T, net::Tcp>) transport_options = options_.dht().transport();
+      auto expert_transport = transport_options;
       dht_ = std::make_unique<dht_type>(options_.dht(), std::move(transport_options));
-      limits_ = dht_->node()->rpc()->transport().limits();
+      if (options_.listen_on().empty()) {
+        rpc_ = dht_->node()->rpc();
+      } else {
+        rpc_ = rpc_type::create(dht_->executor(), std::move(expert_transport), options_.dht().rpc());
+        rpc_->listen(options_.listen_on());
+      }
+      limits_ = rpc_->transport().limits();
       serve();
       declare();
     } catch (...) {
@@ -147,11 +158,24 @@ class Server {
     if (background_.joinable()) background_.join();
     scheduler_.stop();
     if (!options_.checkpoint_dir().empty()) save_checkpoints();
+    if (rpc_ && dht_ && rpc_ != dht_->node()->rpc()) {
+      rpc_->close();
+      asio::post(rpc_->get_executor(), asio::use_future).get();  // runs after the close
+    }
     if (dht_) dht_->shutdown();
   }
 
-  /// The address clients and peers use (the DHT's first visible address).
-  [[nodiscard]] std::string address() const { return dht_->visible_addresses().at(0); }
+  /// The address clients call the experts at, the one declared in the DHT (the DHT peer's
+  /// address when the experts share its port).
+  [[nodiscard]] std::string address() const {
+    if (rpc_ == dht_->node()->rpc()) return dht_address();
+    const auto listen = net::HostPort::parse(rpc_->listen_address());
+    if (!net::is_wildcard_host(listen.host)) return listen.str();
+    // A wildcard: the host other peers reach this machine at, with the experts' port.
+    return net::HostPort{net::HostPort::parse(dht_address()).host, listen.port}.str();
+  }
+  /// The address other peers join the swarm through (the DHT peer's first visible address).
+  [[nodiscard]] std::string dht_address() const { return dht_->visible_addresses().at(0); }
   /// The server's DHT peer (other peers join the swarm through it).
   [[nodiscard]] dht_type& dht() noexcept { return *dht_; }
   /// The uids served, in the order given.
@@ -165,7 +189,7 @@ class Server {
 
   /// Announces every expert now; returns per uid whether a DHT replica accepted it.
   std::vector<bool> declare() {
-    return dht::declare_experts(*dht_, uids_, address(), wall_time() + expiration().count());
+    return dht::declare_experts(*dht_, uids_, address(), dht_->node()->now() + expiration().count());
   }
 
   /// Writes a checkpoint of every expert under checkpoint_dir (a no-op when it is empty).
@@ -217,7 +241,7 @@ class Server {
   }
 
   void serve() {
-    auto rpc = dht_->node()->rpc();
+    auto& rpc = rpc_;
     rpc->add_handler(std::string(moe::info_method), [this](net::CallContext, Message m) -> asio::awaitable<Message> {
       const auto& e = entry_of(m);
       co_return Message{e.backend->info(), {}};
@@ -298,6 +322,8 @@ class Server {
   std::vector<std::string> uids_;
   std::unique_ptr<dht_type> dht_;
   Limits limits_;
+  using rpc_type = typename dht_type::node_type::rpc_type;
+  std::shared_ptr<rpc_type> rpc_;  // serves the experts: the DHT peer's, or one of its own
   std::mutex mutex_;
   std::condition_variable stop_cv_;
   bool stopped_ = false;

@@ -1,0 +1,240 @@
+// Separate hosts: the real programs on a network of Linux network namespaces (one address
+// each, a bridge in a namespace of its own, no route anywhere else), as a user would run
+// them on several machines. Without root each test reports itself skipped with the reason.
+#include "../common/netns.hpp"
+
+#include <hive/dht/dht.hpp>
+
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+
+#include <iostream>
+#include <regex>
+#include <sstream>
+
+using namespace hive;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// True (after saying why in a line ctest reads as "skipped") when namespaces cannot be made.
+bool skip_without_namespaces() {
+  const auto why = test::HostNetwork::unavailable_reason();
+  if (why.empty()) return false;
+  std::cout << "SKIPPED: " << why << std::endl;  // ctest's SKIP_REGULAR_EXPRESSION reads this
+  return true;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+/// The last JSON line a one-shot `hive-dht --store/--get` printed, and its exit status.
+struct OneShot {
+  int status = -1;
+  nlohmann::json json;
+};
+
+OneShot one_shot(const test::HostNetwork& net, int host, std::vector<std::string> args) {
+  std::vector<std::string> argv{HIVE_DHT_CLI};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto child = net.start(host, argv);
+  std::string out;
+  const auto status = child->wait_exit(30s, &out);
+  OneShot r;
+  if (!status) return r;
+  r.status = WIFEXITED(*status) ? WEXITSTATUS(*status) : -1;
+  for (const auto& line : lines_of(out))
+    if (!line.empty() && line.front() == '{') r.json = nlohmann::json::parse(line, nullptr, false);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("multihost dht: 16 hive-dht peers on 8 hosts store and read across hosts, also after a quarter are killed") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(8);
+  std::vector<std::unique_ptr<test::ChildProcess>> peers;
+  std::vector<std::string> addresses;
+  for (int p = 0; p < 16; ++p) {
+    const int host = p % 8;
+    const auto port = std::to_string(5000 + p / 8);
+    std::vector<std::string> argv{HIVE_DHT_CLI, "--listen_on", "0.0.0.0:" + port, "--status_period", "0"};
+    if (p > 0) argv.insert(argv.end(), {"--initial_peers", addresses.front()});
+    peers.push_back(net.start(host, argv));
+    auto line = peers.back()->read_until("To join this DHT", 20s);
+    REQUIRE(line);
+    // The join line names the host's own address, never a wildcard or loopback.
+    CHECK(line->find(net.ip(host) + ":" + port) != std::string::npos);
+    CHECK(line->find("127.0.0.1") == std::string::npos);
+    CHECK(line->find("0.0.0.0") == std::string::npos);
+    addresses.push_back(net.ip(host) + ":" + port);
+  }
+  // Stored from host 3 (through the peer on host 5), read from host 6 (through host 2's).
+  auto stored = one_shot(net, 3, {"--initial_peers", addresses[5], "--store", "greeting", "{\"hello\": \"hosts\"}",
+                                  "--expiration", "300"});
+  CHECK(stored.status == 0);
+  CHECK(stored.json.value("stored", false));
+  auto got = one_shot(net, 6, {"--initial_peers", addresses[2], "--get", "greeting"});
+  CHECK(got.status == 0);
+  CHECK(got.json["value"] == nlohmann::json{{"hello", "hosts"}});
+
+  // A quarter of the peers die (not the ones the reads go through).
+  for (int p : {1, 7, 9, 11}) peers[static_cast<std::size_t>(p)]->signal(SIGKILL);
+  auto after = one_shot(net, 0, {"--initial_peers", addresses[10], "--get", "greeting", "--latest"});
+  CHECK(after.status == 0);
+  CHECK(after.json["value"] == nlohmann::json{{"hello", "hosts"}});
+  // A key that was never stored is reported as missing, with exit status 1.
+  auto missing = one_shot(net, 4, {"--initial_peers", addresses[0], "--get", "nobody-stored-this"});
+  CHECK(missing.status == 1);
+  CHECK_FALSE(missing.json.value("found", true));
+}
+
+TEST_CASE("multihost dht: over IPv6, a dual-stack wildcard listener announces its IPv6 address and serves it") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(2);
+  auto peer = net.start(0, {HIVE_DHT_CLI, "--listen_on", "[::]:5000", "--status_period", "0"});
+  auto line = peer->read_until("To join this DHT", 20s);
+  REQUIRE(line);
+  INFO(*line);
+  CHECK(line->find("[" + net.ip6(0) + "]:5000") != std::string::npos);
+  CHECK(line->find("[::]") == std::string::npos);
+  const auto entry = "[" + net.ip6(0) + "]:5000";
+  auto stored = one_shot(net, 1, {"--initial_peers", entry, "--store", "v6", "42"});
+  CHECK(stored.status == 0);
+  auto got = one_shot(net, 1, {"--initial_peers", entry, "--get", "v6"});
+  CHECK(got.status == 0);
+  CHECK(got.json["value"] == 42);
+}
+
+TEST_CASE("multihost dht: an unreachable initial peer is a clear error naming it, within the bootstrap timeout") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(2);
+  // hive-dht's error goes to stderr: run it through a shell that folds stderr into stdout.
+  auto attempt = [&](const std::string& peer) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto child = net.start(0, {"/bin/sh", "-c", fmt::format("{} --initial_peers {} --get x 2>&1", HIVE_DHT_CLI, peer)});
+    std::string out;
+    const auto status = child->wait_exit(30s, &out);
+    INFO(out);
+    REQUIRE(status);
+    CHECK(WEXITSTATUS(*status) == 1);
+    CHECK(out.find("none of the 1 initial peers answered") != std::string::npos);
+    CHECK(out.find(peer) != std::string::npos);
+    return std::pair{out, std::chrono::steady_clock::now() - t0};
+  };
+  // Nobody listens on host 1: refused at once.
+  auto [refused, refused_time] = attempt(net.ip(1) + ":5999");
+  CHECK(refused.find("refused") != std::string::npos);
+  CHECK(refused_time < 10s);
+  // Nobody has this address: the connection attempt times out within the bootstrap timeout.
+  auto [silent, silent_time] = attempt("10.47.0.99:5999");
+  CHECK((silent.find("timed out") != std::string::npos || silent.find("unreachable") != std::string::npos));
+  CHECK(silent_time < 20s);
+}
+
+TEST_CASE("multihost moe: the seed quickstart across two hosts, wildcard listen, separate DHT port: the loss falls") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(2);
+  auto server = net.start(0, {HIVE_SERVER_CLI, "--expert_cls", "ffn", "--hidden_dim", "64", "--num_experts", "5",
+                              "--listen_on", "0.0.0.0:1337", "--dht_port", "1338"});
+  auto join = server->read_until("To join this swarm", 60s);
+  REQUIRE(join);
+  CHECK(join->find(net.ip(0) + ":1338") != std::string::npos);
+  // hivemind's newer dashed spelling works too.
+  auto client = net.start(1, {HIVE_MOE_QUICKSTART, "--initial-peers", net.ip(0) + ":1338", "--hidden_dim", "64",
+                              "--steps", "30", "--mixture_steps", "15"});
+  std::string out;
+  const auto status = client->wait_exit(120s, &out);
+  INFO(out);
+  REQUIRE(status);
+  CHECK(WIFEXITED(*status));
+  CHECK(WEXITSTATUS(*status) == 0);  // 0: both losses fell
+  CHECK(out.find("found " + net.ip(0) + ":1337") != std::string::npos);
+  CHECK(out.find("loss went from") != std::string::npos);
+  CHECK(out.find("mixture (grid (5,), k_best 2): loss went from") != std::string::npos);
+}
+
+TEST_CASE("multihost averaging: 4 averaging peers on 4 hosts with wildcard listen addresses average in groups of 4") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(4);
+  auto args = [&](int i) {
+    std::vector<std::string> argv{HIVE_AVERAGING_PEER, "--listen_on", "0.0.0.0:4000", "--shard", fmt::format("{}/4", i),
+                                  "--train_samples", "4000", "--test_samples", "500", "--epochs", "2",
+                                  "--target_group_size", "4", "--min_group_size", "2", "--averaging_period", "10",
+                                  "--matchmaking_time", "5", "--wait_for_peers", "4", "--quiet", "--prefix", "multihost"};
+    if (i > 0) argv.insert(argv.end(), {"--initial_peers", net.ip(0) + ":4000"});
+    return argv;
+  };
+  std::vector<std::unique_ptr<test::ChildProcess>> peers;
+  peers.push_back(net.start(0, args(0)));
+  auto join = peers[0]->read_until("To join this swarm", 60s);
+  REQUIRE(join);
+  CHECK(join->find(net.ip(0) + ":4000") != std::string::npos);
+  for (int i = 1; i < 4; ++i) peers.push_back(net.start(i, args(i)));
+  std::vector<std::string> outputs(4);
+  for (int i = 0; i < 4; ++i) {
+    const auto status = peers[static_cast<std::size_t>(i)]->wait_exit(300s, &outputs[static_cast<std::size_t>(i)]);
+    INFO("peer ", i, ":\n", outputs[static_cast<std::size_t>(i)]);
+    REQUIRE(status);
+    CHECK(WEXITSTATUS(*status) == 0);
+  }
+  const std::regex rounds_re(R"(averaging: (\d+) of (\d+) rounds averaged)"), params_re(R"(parameters: sum (\S+) norm (\S+))");
+  std::vector<double> sums, norms;
+  for (int i = 0; i < 4; ++i) {
+    const auto& out = outputs[static_cast<std::size_t>(i)];
+    INFO("peer ", i, ":\n", out);
+    std::smatch m;
+    REQUIRE(std::regex_search(out, m, rounds_re));
+    const int averaged = std::stoi(m[1]), rounds = std::stoi(m[2]);
+    MESSAGE("host ", i, ": ", averaged, " of ", rounds, " rounds averaged");
+    CHECK(rounds > 0);
+    CHECK(averaged * 2 > rounds);  // most rounds found a group
+    // The last round, once all four had finished training, gathered all four.
+    CHECK(out.find("4 of 4 peers have finished training") != std::string::npos);
+    CHECK(out.find("The last averaging round had 4 peers") != std::string::npos);
+    REQUIRE(std::regex_search(out, m, params_re));
+    sums.push_back(std::stod(m[1]));
+    norms.push_back(std::stod(m[2]));
+  }
+  // After the last round together, the peers hold the same parameters up to float16 rounding.
+  for (int i = 1; i < 4; ++i) {
+    CHECK(std::abs(norms[static_cast<std::size_t>(i)] - norms[0]) <= 1e-2 * std::abs(norms[0]));
+    CHECK(std::abs(sums[static_cast<std::size_t>(i)] - sums[0]) <= 1e-2 * (1 + std::abs(sums[0])));
+  }
+}
+
+TEST_CASE("multihost rpc: a peer that dies mid-call on another host costs the caller an error within the timeout") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(3);
+  auto server = net.start(0, {HIVE_MULTIHOST_TESTS, "--serve", "0.0.0.0:7000"});
+  REQUIRE(server->read_until("serving", 20s));
+  // The process dies: its kernel closes the connection, the caller learns at once.
+  auto caller = net.start(1, {HIVE_MULTIHOST_TESTS, "--call", net.ip(0) + ":7000", "20"});
+  REQUIRE(server->read_until("hang called", 20s));
+  server->signal(SIGKILL);
+  std::string out;
+  auto status = caller->wait_exit(30s, &out);
+  INFO(out);
+  REQUIRE(status);
+  CHECK(out.find("error after") != std::string::npos);
+  CHECK(out.find("timed out") == std::string::npos);
+
+  // The whole host goes away (its link down): nobody closes anything, the call times out.
+  auto second = net.start(2, {HIVE_MULTIHOST_TESTS, "--serve", "0.0.0.0:7000"});
+  REQUIRE(second->read_until("serving", 20s));
+  auto caller2 = net.start(1, {HIVE_MULTIHOST_TESTS, "--call", net.ip(2) + ":7000", "3"});
+  REQUIRE(second->read_until("hang called", 20s));
+  net.unplug(2);
+  status = caller2->wait_exit(30s, &out);
+  INFO(out);
+  REQUIRE(status);
+  CHECK(out.find("error after") != std::string::npos);
+  CHECK(out.find("timed out") != std::string::npos);
+}
