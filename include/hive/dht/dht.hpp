@@ -119,8 +119,9 @@ class BasicDHT {
 
   /// Addresses other peers reach this one at, best first (empty in client mode): the listen
   /// address when it is specific; for a wildcard, announce_host, or the hosts other peers saw
-  /// this one connect from, then this machine's interface addresses, loopback last. These are
-  /// what the join line prints and what experts and averagers are announced at.
+  /// this one connect from, then this machine's interface addresses (loopback only when there
+  /// is nothing else). These are what the join line prints and what experts and averagers are
+  /// announced at.
   [[nodiscard]] std::vector<std::string> visible_addresses() const {
     return node_->announce_addresses(options_.announce_host());
   }

@@ -75,7 +75,8 @@ struct NodeOptions {
   HIVE_ARG(BlacklistOptions, blacklist, BlacklistOptions{});
   /// Added to this machine's clock wherever this peer reads or writes an absolute time
   /// (record expirations, averaging deadlines): emulates machines whose clocks disagree, in
-  /// tests, or corrects a machine known to be off. Peers tolerate ±3 s between them.
+  /// tests, or corrects a machine known to be off. Peers tolerate clocks that are each up to
+  /// 3 s off (6 s apart).
   HIVE_ARG(Seconds, clock_offset, Seconds(0));
   /// Bytes of records one dht.find reply carries at most; past it, records are left out or
   /// dictionaries cut to their latest subkeys (flagged "t"), so that no reply outgrows a frame.
@@ -186,9 +187,7 @@ inline std::optional<Record> fit_record(const Record& record, std::size_t& budge
   }
   if (kept.empty()) return std::nullopt;
   Record out;
-  out.expiration = kept.size() == dict.size() ? record.expiration : 0;
-  if (out.expiration == 0)
-    for (const auto& [subkey, v] : kept) out.expiration = std::max(out.expiration, v.expiration);
+  for (const auto& [subkey, v] : kept) out.expiration = std::max(out.expiration, v.expiration);
   out.content = std::move(kept);
   return out;
 }

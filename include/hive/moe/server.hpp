@@ -55,7 +55,8 @@ struct ServerOptions {
 /// A peer that hosts experts (the class is declared above with its default policies).
 ///
 /// It serves three methods on its DHT port, or on a port of their own (ServerOptions::listen_on):
-/// moe.info, moe.forward and moe.backward (see docs/protocol.md). Requests are checked against the expert's schemas on the io thread, then
+/// moe.info, moe.forward and moe.backward (see docs/protocol.md). Requests are checked against
+/// the expert's schemas (and for finite values) on the io thread, then
 /// queued in the scheduler, which merges rows from many clients into batches and runs them on
 /// its compute threads; every backward updates the expert. The experts are announced in the
 /// DHT at start and every update_period.
