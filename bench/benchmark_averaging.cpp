@@ -6,14 +6,15 @@
 //                       [--num_tensors 4] [--tensor_size 1048576] [--compression float16]
 //                       [--initial_group_bits 00|spread] [--matchmaking_time 5] [--request_timeout 3]
 //                       [--allreduce_timeout 60] [--part_size_bytes 524288]
-//                       [--allreduce_peers 8] [--allreduce_mib 64] [--allreduce_rounds 3] [--pause 0]
+//                       [--allreduce_peers 8] [--allreduce_mib 64] [--allreduce_rounds 3]
+//                       [--allreduce_strategy both|butterfly|gloo] [--pause 0]
 //                       [--seed 0]
 //
 // Part 1 (hivemind's benchmark): --peers averagers, each over --num_tensors random tensors of
 // --tensor_size floats (distinct per peer). In each of --rounds rounds every peer calls
-// step_async at once and the benchmark waits for all of them (hivemind's peers step on their
+// async_step at once and the benchmark waits for all of them (hivemind's peers step on their
 // own, without this barrier). Per round: the peers whose step succeeded, the mean group size of
-// those steps, the groups formed, the round's wall time (first step_async to last result).
+// those steps, the groups formed, the round's wall time (first async_step to last result).
 //   success_rate = successful steps / (peers x rounds); round_s = mean wall time of a round.
 //   max_dev_from_mean = largest |value - global mean| over every peer's tensors after the
 //   rounds, where the global mean is that of all peers' initial tensors. Averaging within groups
@@ -27,6 +28,9 @@
 //   allreduce_gbps     = vector bytes x 8 / allreduce_s / 1e9 ("algorithmic" bandwidth);
 //   allreduce_bus_gbps = allreduce_gbps x 2 (n-1)/n: with butterfly all-reduce each peer sends
 //                        (n-1)/n of its vector to the other reducers and receives as much back.
+// Part 2 runs once per strategy (--allreduce_strategy, default both): Butterfly's figures are
+// allreduce_*, Gloo's (c10d::ProcessGroupGloo rebuilt per round, averaging::Gloo)
+// gloo_allreduce_*, same sizes, same peers count, one after the other.
 // The averaged vector is checked against the mean of the peers' vectors (max abs error <= 1e-5;
 // the exit code is 1 when it fails). Before part 2 the benchmark checks MemAvailable and halves
 // --allreduce_mib until its estimate fits (it says so).
@@ -34,6 +38,7 @@
 // --rounds 0 skips part 1, --allreduce_peers 0 skips part 2. The last line is one JSON object.
 
 #include <hive/averaging/averager.hpp>
+#include <hive/averaging/gloo.hpp>
 
 #include "common/machine.hpp"
 
@@ -66,6 +71,7 @@ using namespace hive::bench;  // loaded_blas, load_average, machine_busy_seconds
 
 using Clock = std::chrono::steady_clock;
 using Averager = hive::averaging::DecentralizedAverager<>;
+using GlooAverager = hive::averaging::DecentralizedAverager<hive::net::Tcp, hive::dht::Kademlia<>, hive::averaging::Gloo>;
 using hive::averaging::StepResult;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -88,6 +94,7 @@ struct Args {
   int allreduce_peers = 8;
   double allreduce_mib = 64;
   int allreduce_rounds = 3;
+  std::string allreduce_strategy = "both";
   double pause = 0;
   std::uint64_t seed = 0;
 };
@@ -115,6 +122,7 @@ void usage() {
       "  --allreduce_peers N     peers; 0 skips part 2 (default {})\n"
       "  --allreduce_mib M       float32 vector size per peer, MiB (default {})\n"
       "  --allreduce_rounds N    all-reduces; allreduce_s is the median (default {})\n"
+      "  --allreduce_strategy S  butterfly, gloo or both (default {}; gloo's figures are gloo_allreduce_*)\n"
       "Both:\n"
       "  --pause S               sleep between rounds, e.g. to let the previous round's DHT\n"
       "                          announcements expire (not counted in round_s; default {})\n"
@@ -126,7 +134,7 @@ void usage() {
       d.peers, d.target_group_size, d.min_group_size, d.rounds, d.num_tensors, d.tensor_size,
       d.num_tensors * d.tensor_size * 4 / (1 << 20), d.compression, d.initial_group_bits, d.matchmaking_time,
       d.request_timeout, d.allreduce_timeout, d.part_size_bytes, d.allreduce_peers, d.allreduce_mib,
-      d.allreduce_rounds, d.pause, d.seed);
+      d.allreduce_rounds, d.allreduce_strategy, d.pause, d.seed);
 }
 
 Args parse(int argc, char** argv) {
@@ -156,6 +164,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--allreduce_peers") a.allreduce_peers = std::stoi(v());
     else if (k == "--allreduce_mib") a.allreduce_mib = std::stod(v());
     else if (k == "--allreduce_rounds") a.allreduce_rounds = std::stoi(v());
+    else if (k == "--allreduce_strategy") a.allreduce_strategy = v();
     else if (k == "--pause") a.pause = std::stod(v());
     else if (k == "--seed") a.seed = std::stoull(v());
     else throw std::invalid_argument("unknown flag " + k + " (see --help)");
@@ -178,6 +187,8 @@ Args parse(int argc, char** argv) {
              "--allreduce_peers must be 0 or in [2, 64]");
   HIVE_CHECK(a.allreduce_mib > 0, "--allreduce_mib must be positive");
   HIVE_CHECK(a.allreduce_rounds >= 1 && a.allreduce_rounds <= 100, "--allreduce_rounds must be in [1, 100]");
+  HIVE_CHECK(a.allreduce_strategy == "both" || a.allreduce_strategy == "butterfly" || a.allreduce_strategy == "gloo",
+             "--allreduce_strategy must be butterfly, gloo or both, got '{}'", a.allreduce_strategy);
   HIVE_CHECK(a.pause >= 0 && a.pause <= 600, "--pause must be in [0, 600]");
   return a;
 }
@@ -228,10 +239,11 @@ double round_to(double x, int digits) {
 
 // ---- a swarm of averaging peers ----------------------------------------------------------------
 
+template <class A = Averager>
 struct Swarm {
   std::unique_ptr<hive::DHT> root;
   std::vector<std::unique_ptr<hive::DHT>> dhts;
-  std::vector<std::unique_ptr<Averager>> averagers;
+  std::vector<std::unique_ptr<A>> averagers;
   // Steps that outlived the benchmark's bound on a round (kept so that nobody waits on them).
   std::vector<std::future<StepResult>> abandoned;
   std::vector<bool> stuck;
@@ -270,14 +282,15 @@ struct RoundResult {
 };
 
 // Every peer steps at once; waits for all of them, each at most `bound` after the start.
-RoundResult run_round(Swarm& swarm, hive::Seconds bound) {
+template <class A>
+RoundResult run_round(Swarm<A>& swarm, hive::Seconds bound) {
   const auto n = swarm.averagers.size();
   RoundResult r;
   r.steps.resize(n);
   std::vector<std::optional<std::future<StepResult>>> futures(n);
   const auto t0 = Clock::now();
   for (std::size_t i = 0; i < n; ++i)
-    if (!swarm.stuck[i]) futures[i] = swarm.averagers[i]->step_async(1.0);
+    if (!swarm.stuck[i]) futures[i] = swarm.averagers[i]->async_step(1.0);
   const auto deadline = t0 + std::chrono::duration_cast<Clock::duration>(bound);
   for (std::size_t i = 0; i < n; ++i) {
     if (!futures[i]) {
@@ -326,7 +339,8 @@ std::string join_sizes(const std::vector<std::size_t>& v) {
 }
 
 // The largest |value - mean| over every averager's tensors (mean: float64, flattened).
-double max_deviation(Swarm& swarm, const at::Tensor& mean) {
+template <class A>
+double max_deviation(Swarm<A>& swarm, const at::Tensor& mean) {
   double worst = 0;
   for (auto& a : swarm.averagers) {
     at::Tensor flat;
@@ -383,7 +397,7 @@ nlohmann::json part1(const Args& a) {
 
   CpuWatch cpu;
   auto t0 = Clock::now();
-  Swarm swarm;
+  Swarm<> swarm;
   swarm.start_dhts(n);
   const double dht_s = since(t0);
 
@@ -484,7 +498,9 @@ nlohmann::json part1(const Args& a) {
 
 // ---- part 2 ------------------------------------------------------------------------------------
 
-nlohmann::json part2(const Args& a, bool& check_ok) {
+// Part 2 with averager type A (one strategy); its figures are named `<key>_...`.
+template <class A>
+nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std::string_view strategy) {
   const int n = a.allreduce_peers;
   double mib = a.allreduce_mib;
   // Per peer: its tensor, the flattened copy, the result, and up to a vector's worth of chunks
@@ -500,13 +516,13 @@ nlohmann::json part2(const Args& a, bool& check_ok) {
   }
   const auto elements = static_cast<std::int64_t>(std::llround(mib * (1 << 20) / 4));
   const double bytes = static_cast<double>(elements) * 4;
-  fmt::print("part 2: {} peers, one float32 vector of {} MiB ({} elements) each, one group of {}, compression none, "
-             "{} all-reduce(s); memory estimate {:.1f} GiB of {:.1f} GiB available\n",
-             n, mib, elements, n, a.allreduce_rounds, estimate(mib) / (1 << 30), available / (1 << 30));
+  fmt::print("part 2 ({}): {} peers, one float32 vector of {} MiB ({} elements) each, one group of {}, compression "
+             "none, {} all-reduce(s); memory estimate {:.1f} GiB of {:.1f} GiB available\n",
+             strategy, n, mib, elements, n, a.allreduce_rounds, estimate(mib) / (1 << 30), available / (1 << 30));
   std::fflush(stdout);
 
   CpuWatch cpu;
-  Swarm swarm;
+  Swarm<A> swarm;
   swarm.start_dhts(n);
   at::manual_seed(a.seed + 1);
   at::Tensor mean = at::zeros({elements}, at::kDouble);
@@ -514,11 +530,11 @@ nlohmann::json part2(const Args& a, bool& check_ok) {
     std::vector<at::Tensor> tensors{at::randn({elements})};
     mean.add_(tensors[0].to(at::kDouble));
     auto options = averager_options(a)
-                       .prefix("bench_allreduce")
+                       .prefix("bench_" + key)
                        .target_group_size(static_cast<std::size_t>(n))
                        .min_group_size(2)
                        .compression(hive::Compression::none);
-    swarm.averagers.push_back(std::make_unique<Averager>(*swarm.dhts[static_cast<std::size_t>(i)], std::move(tensors), options));
+    swarm.averagers.push_back(std::make_unique<A>(*swarm.dhts[static_cast<std::size_t>(i)], std::move(tensors), options));
   }
   mean.div_(n);
 
@@ -561,23 +577,24 @@ nlohmann::json part2(const Args& a, bool& check_ok) {
   const double gbps = allreduce_s > 0 ? bytes * 8 / allreduce_s / 1e9 : 0;
   std::vector<double> ar_rounded;
   for (double x : ar) ar_rounded.push_back(round_to(x, 4));
-  nlohmann::json out = {{"allreduce_peers", n},
-                        {"allreduce_mib", mib},
-                        {"allreduce_rounds", a.allreduce_rounds},
-                        {"allreduce_s", round_to(allreduce_s, 4)},
-                        {"allreduce_s_rounds", ar_rounded},
-                        {"allreduce_wall_s", round_to(median(walls), 4)},
-                        {"allreduce_matchmaking_s", round_to(median(mms), 4)},
-                        {"allreduce_gbps", round_to(gbps, 3)},
-                        {"allreduce_bus_gbps", round_to(gbps * 2.0 * (n - 1) / n, 3)},
-                        {"allreduce_ok_steps", ok_steps},
-                        {"allreduce_groups", groups},
-                        {"allreduce_max_abs_err", max_err},
-                        {"allreduce_check_ok", check_ok},
-                        {"allreduce_errors", errors},
-                        {"part2_cpu_s", round_to(own, 2)},
-                        {"part2_others_cores", round_to(others, 3)}};
-  if (!reduced.empty()) out["allreduce_mib_note"] = reduced;
+  auto name = [&](std::string_view suffix) { return key + std::string(suffix); };
+  nlohmann::json out = {{name("_peers"), n},
+                        {name("_mib"), mib},
+                        {name("_rounds"), a.allreduce_rounds},
+                        {name("_s"), round_to(allreduce_s, 4)},
+                        {name("_s_rounds"), ar_rounded},
+                        {name("_wall_s"), round_to(median(walls), 4)},
+                        {name("_matchmaking_s"), round_to(median(mms), 4)},
+                        {name("_gbps"), round_to(gbps, 3)},
+                        {name("_bus_gbps"), round_to(gbps * 2.0 * (n - 1) / n, 3)},
+                        {name("_ok_steps"), ok_steps},
+                        {name("_groups"), groups},
+                        {name("_max_abs_err"), max_err},
+                        {name("_check_ok"), check_ok},
+                        {name("_errors"), errors},
+                        {key == "allreduce" ? "part2_cpu_s" : name("_cpu_s"), round_to(own, 2)},
+                        {key == "allreduce" ? "part2_others_cores" : name("_others_cores"), round_to(others, 3)}};
+  if (!reduced.empty()) out[name("_mib_note")] = reduced;
   return out;
 }
 
@@ -595,7 +612,16 @@ int main(int argc, char** argv) try {
   nlohmann::json out = {{"bench", "averaging"}};
   if (a.rounds > 0) out.update(part1(a));
   bool check_ok = true;
-  if (a.allreduce_peers > 0) out.update(part2(a, check_ok));
+  if (a.allreduce_peers > 0 && a.allreduce_strategy != "gloo") {
+    bool ok = true;
+    out.update(part2<Averager>(a, ok, "allreduce", "butterfly"));
+    check_ok = check_ok && ok;
+  }
+  if (a.allreduce_peers > 0 && a.allreduce_strategy != "butterfly") {
+    bool ok = true;
+    out.update(part2<GlooAverager>(a, ok, "gloo_allreduce", "gloo"));
+    check_ok = check_ok && ok;
+  }
   out["blas"] = blas;
   out["torch_threads"] = at::get_num_threads();
   out["load_avg_start"] = load_start;

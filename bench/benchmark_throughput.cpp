@@ -17,6 +17,7 @@
 // The last line is one JSON object.
 
 #include <hive/moe/remote_expert.hpp>
+#include <hive/moe/server.hpp>
 
 #include "common/machine.hpp"
 

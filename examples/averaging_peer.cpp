@@ -12,6 +12,7 @@
 #include "common/cli.hpp"
 #include "common/fashion_mnist.hpp"
 
+#include <hive/averaging/gloo.hpp>
 #include <hive/hive.hpp>
 
 #include <unistd.h>
@@ -46,7 +47,9 @@ background. Prints the --initial_peers line that other peers join with.
   --min_group_size N     fewest peers a round starts with (default 2)
   --averaging_period N   start a round every N local steps (default 10)
   --matchmaking_time S   seconds a round looks for a group (default 3)
-  --compression C        none, float16, uniform8, quantile8 (default float16)
+  --compression C        none, float16, uniform8, quantile8 (default float16; gloo: none or float16)
+  --strategy S           all-reduce: butterfly (hive's own, the default) or gloo (libtorch's
+                         c10d Gloo, for trusted clusters where every peer reaches every other)
   --no_load_state        do not download the state of a peer when joining
   --no_final_average     skip the last synchronous round after training
   --wait_for_peers N     before the last round, wait (up to 60 s) until N peers of the run have
@@ -59,7 +62,7 @@ background. Prints the --initial_peers line that other peers join with.
 struct Flags {
   std::vector<std::string> initial_peers;
   std::string listen_on = "127.0.0.1:0", announce_host, data_dir, prefix = "averaging_peer";
-  std::string compression = "float16";
+  std::string compression = "float16", strategy = "butterfly";
   bool client_mode = false, load_state = true, final_average = true, alone = false, quiet = false;
   std::size_t wait_for_peers = 0;
   std::int64_t shard = 0, shards = 1, train_samples = 12000, test_samples = 2000, batch = 32;
@@ -103,6 +106,7 @@ Flags parse(int argc, char** argv) {
     else if (flag == "--averaging_period") f.averaging_period = std::stoul(value());
     else if (flag == "--matchmaking_time") f.matchmaking_time = std::stod(value());
     else if (flag == "--compression") f.compression = value();
+    else if (flag == "--strategy") f.strategy = value();
     else if (flag == "--no_load_state") f.load_state = false;
     else if (flag == "--no_final_average") f.final_average = false;
     else if (flag == "--wait_for_peers") f.wait_for_peers = std::stoul(value());
@@ -115,6 +119,7 @@ Flags parse(int argc, char** argv) {
   HIVE_CHECK(f.epochs >= 1 && f.batch >= 1 && f.lr > 0 && f.threads >= 1,
              "--epochs, --batch, --lr and --threads must be positive");
   (void)hive::parse_compression(f.compression);  // a clear error now rather than after loading the data
+  HIVE_CHECK(f.strategy == "butterfly" || f.strategy == "gloo", "--strategy must be butterfly or gloo, got '{}'", f.strategy);
   return f;
 }
 
@@ -146,6 +151,16 @@ double accuracy(torch::nn::Sequential& model, const hive::examples::Dataset& tes
   return 100.0 * static_cast<double>(correct) / static_cast<double>(test.images.size(0));
 }
 
+/// The policy bundle of --strategy gloo: the default one with Gloo as the all-reduce.
+struct GlooPolicies : hive::DefaultPolicies {
+  using strategy = hive::averaging::Gloo;
+};
+
+/// Trains `model` on `train` (alone, or as a peer of Trainer type TrainerT) and reports.
+template <class TrainerT>
+int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::Dataset& train,
+        const hive::examples::Dataset& test, std::int64_t per_shard);
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -170,9 +185,20 @@ int main(int argc, char** argv) try {
              flags.shard, flags.shards, test.images.size(0));
 
   auto model = cifar ? cifar_model() : fashion_model();
-  torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(flags.lr).momentum(0.9));
+  if (flags.strategy == "gloo") return run<hive::TrainerFor<GlooPolicies>>(flags, model, train, test, per_shard);
+  return run<hive::Trainer<>>(flags, model, train, test, per_shard);
+} catch (const std::exception& e) {
+  fmt::print(stderr, "averaging_peer: {}\n", e.what());
+  return 1;
+}
 
-  std::unique_ptr<hive::Trainer<>> trainer;
+namespace {
+
+template <class TrainerT>
+int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::Dataset& train,
+        const hive::examples::Dataset& test, std::int64_t per_shard) {
+  torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(flags.lr).momentum(0.9));
+  std::unique_ptr<TrainerT> trainer;
   if (!flags.alone) {
     auto optimizer = hive::optim::DecentralizedOptions()
                          .prefix(flags.prefix)
@@ -183,7 +209,7 @@ int main(int argc, char** argv) try {
     optimizer.averager()
         .matchmaking_time(hive::Seconds(flags.matchmaking_time))
         .compression(hive::parse_compression(flags.compression));
-    trainer = std::make_unique<hive::Trainer<>>(
+    trainer = std::make_unique<TrainerT>(
         sgd, hive::TrainerOptions()
                  .dht(hive::DHTOptions()
                           .initial_peers(flags.initial_peers)
@@ -279,7 +305,6 @@ int main(int argc, char** argv) try {
   std::fflush(stdout);
   if (trainer) trainer->shutdown();
   return 0;
-} catch (const std::exception& e) {
-  fmt::print(stderr, "averaging_peer: {}\n", e.what());
-  return 1;
 }
+
+}  // namespace

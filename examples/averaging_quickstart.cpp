@@ -42,8 +42,8 @@ int main() try {
     hive::averaging::DecentralizedAverager<> averager_a(first, a, options);
     hive::averaging::DecentralizedAverager<> averager_b(second, b, options);
 
-    auto ra = averager_a.step_async();  // both look for a group at the same time
-    auto rb = averager_b.step_async();
+    auto ra = averager_a.async_step();  // both look for a group at the same time
+    auto rb = averager_b.async_step();
     const auto result_a = ra.get(), result_b = rb.get();  // a and b now both hold 3 4 5 6
     fmt::print("part A: {} (group of {}), {} (group of {})\n", result_a ? "ok" : result_a.error, result_a.group_size,
                result_b ? "ok" : result_b.error, result_b.group_size);

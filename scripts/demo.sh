@@ -4,12 +4,13 @@
 # of samples, and a summary of their test accuracies.
 #
 #   bash scripts/demo.sh [--peers 4] [--epochs 4] [--train_samples 24000] [--data_dir DIR]
-#                        [--compression float16] [--averaging_period 25]
+#                        [--compression float16] [--averaging_period 25] [--strategy butterfly|gloo]
 #
 # The first peer starts the swarm and prints the --initial_peers line; the others join through
 # it, download its state, and each trains on its own shard (train_samples / peers images),
 # averaging parameters with the others in the background. --data_dir points at CIFAR-10's
 # binary files; without it the peers use Fashion-MNIST (Debian's dataset-fashion-mnist).
+# --strategy gloo averages through libtorch's Gloo (averaging::Gloo) instead of butterfly.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +19,7 @@ epochs=4
 train_samples=24000
 period=25
 compression=float16
+strategy=butterfly
 data_dir=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -26,8 +28,9 @@ while [[ $# -gt 0 ]]; do
     --train_samples) train_samples="$2"; shift 2 ;;
     --averaging_period) period="$2"; shift 2 ;;
     --compression) compression="$2"; shift 2 ;;
+    --strategy) strategy="$2"; shift 2 ;;
     --data_dir) data_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,7 +54,7 @@ logs=build/demo
 rm -rf "$logs"
 mkdir -p "$logs"
 common=(--train_samples "$train_samples" --epochs "$epochs" --averaging_period "$period"
-        --compression "$compression" --target_group_size "$peers" --prefix demo)
+        --compression "$compression" --strategy "$strategy" --target_group_size "$peers" --prefix demo)
 [[ -n "$data_dir" ]] && common+=(--data_dir "$data_dir")
 
 pids=()

@@ -5,8 +5,11 @@ set -euo pipefail
 
 packages=(
   libtorch-dev          # tensors, autograd, modules, optimizers (1.13, CPU)
+  libgloo-dev           # headers of libtorch's Gloo backend (averaging::Gloo; the library comes with libtorch)
   libopenblas0-pthread  # without it libtorch's matrix kernels run ~20x slower
   libasio-dev           # networking, timers, coroutines (standalone)
+  libopendht-dev        # OpenDHT, the second DHT routing model (dht::OpenDHT)
+  pkg-config            # how CMake finds OpenDHT
   nlohmann-json3-dev    # config files and MessagePack wire headers
   libfmt-dev
   doctest-dev

@@ -1,7 +1,13 @@
 #pragma once
 /// @file
-/// Forward declarations of hive's public class templates and policies, with their defaults
-/// stated once.
+/// Forward declarations of hive's public classes and class templates, each template's default
+/// policies stated here once, and the policy bundle (DefaultPolicies, ServerFor, TrainerFor).
+///
+/// The headers that define these templates include this one and repeat no default. Template
+/// parameters are declared as plain `class`: each definition checks its policies with
+/// `static_assert(Concept<P>, ...)` in its body, which names the slot that failed.
+
+#include <cstddef>
 
 namespace hive {
 
@@ -21,5 +27,75 @@ struct RpcOptions;
 template <class Request, class Response>
 struct Method;
 }  // namespace net
+
+namespace dht {
+template <std::size_t K = 20, std::size_t Alpha = 3, int DepthModulo = 5>
+struct Kademlia;
+template <class T = net::Tcp, class R = Kademlia<>>
+class Node;
+}  // namespace dht
+
+template <class T = net::Tcp, class R = dht::Kademlia<>>
+class BasicDHT;
+
+namespace moe {
+struct AnyExpert;
+template <std::size_t MaxBatchSize = 4096>
+class PriorityBatcher;
+template <class M = AnyExpert>
+class ModuleBackend;
+template <class T = net::Tcp>
+class Client;
+}  // namespace moe
+
+namespace averaging {
+struct Butterfly;
+struct Gloo;
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = Butterfly>
+class DecentralizedAverager;
+}  // namespace averaging
+
+namespace optim {
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
+class DecentralizedOptimizer;
+}  // namespace optim
+
+template <class T = net::Tcp, class R = dht::Kademlia<>, class S = moe::PriorityBatcher<>, class B = moe::ModuleBackend<>>
+class Server;
+
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
+class Trainer;
+
+/// The policy bundle hive uses when none is named. Derive from it and replace one member to
+/// change one slot:
+/// @code
+/// struct MyPolicies : hive::DefaultPolicies { using backend = hive::moe::ModuleBackend<GatedMLP>; };
+/// hive::ServerFor<MyPolicies> server(backends, options);
+/// @endcode
+struct DefaultPolicies {
+  /// net::Transport: how peers connect.
+  using transport = net::Tcp;
+  /// dht::Routing: the DHT's routing.
+  using routing = dht::Kademlia<>;
+  /// moe::Scheduler: how a server batches requests onto its compute threads.
+  using scheduler = moe::PriorityBatcher<>;
+  /// moe::Backend: the computation behind each expert.
+  using backend = moe::ModuleBackend<>;
+  /// averaging::Strategy: the all-reduce of averaging rounds.
+  using strategy = averaging::Butterfly;
+};
+
+/// The DHT peer of policy bundle P.
+template <class P = DefaultPolicies>
+using DHTFor = BasicDHT<typename P::transport, typename P::routing>;
+/// The expert server of policy bundle P.
+template <class P = DefaultPolicies>
+using ServerFor = Server<typename P::transport, typename P::routing, typename P::scheduler, typename P::backend>;
+/// The training peer of policy bundle P.
+template <class P = DefaultPolicies>
+using TrainerFor = Trainer<typename P::transport, typename P::routing, typename P::strategy>;
+/// The averager of policy bundle P.
+template <class P = DefaultPolicies>
+using AveragerFor = averaging::DecentralizedAverager<typename P::transport, typename P::routing, typename P::strategy>;
 
 }  // namespace hive

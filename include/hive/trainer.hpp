@@ -3,6 +3,7 @@
 /// hive::Trainer: a training peer composed of a DHT peer, an averager and a decentralized
 /// optimizer, with the transport, routing and averaging strategy chosen as policies.
 
+#include <hive/fwd.hpp>
 #include <hive/optim/decentralized.hpp>
 
 #include <memory>
@@ -37,11 +38,12 @@ struct TrainerOptions {
 /// @par Thread safety
 /// As DecentralizedOptimizer: step(), zero_grad() and load_state_from_peers() belong to the
 /// training thread. The wrapped optimizer must outlive the trainer.
-template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, averaging::Strategy A = averaging::Butterfly>
-class Trainer;
-
-template <net::Transport T, dht::Routing R, averaging::Strategy A>
+template <class T, class R, class A>
 class Trainer {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(dht::Routing<R>, "R must model dht::Routing (see docs/concepts/routing.md)");
+  static_assert(averaging::Strategy<A>, "A must model averaging::Strategy (see docs/concepts/strategy.md)");
+  static_assert(averaging::StrategyFor<A, T>, "A's Runner<T> must model averaging::StrategyFor<A, T>");
  public:
   /// The DHT peer type.
   using dht_type = BasicDHT<T, R>;
@@ -51,7 +53,7 @@ class Trainer {
   /// Starts the DHT peer (joining `options.dht().initial_peers()`) and the averaging around
   /// `inner`. Throws hive::Error when no initial peer answers.
   explicit Trainer(torch::optim::Optimizer& inner, TrainerOptions options = {},
-                   typename T::Options transport_options = typename T::Options{})
+                   std::optional<typename T::Options> transport_options = std::nullopt)
       : options_(std::move(options)),
         dht_(std::make_unique<dht_type>(options_.dht(), std::move(transport_options))),
         optimizer_(std::make_unique<optimizer_type>(inner, *dht_, options_.optimizer())) {}

@@ -1,8 +1,10 @@
-// Decentralized averaging: matchmaking through the DHT, butterfly all-reduce (exact, weighted,
-// compressed), members that die mid-round, state transfer, and training on Fashion-MNIST.
+// Decentralized averaging: matchmaking through the DHT, the butterfly and Gloo all-reduce
+// strategies (exact, weighted, compressed), members that die mid-round, state transfer, and
+// training on Fashion-MNIST.
 #include "../../examples/common/fashion_mnist.hpp"
 #include "../common/wait.hpp"
 
+#include <hive/averaging/gloo.hpp>
 #include <hive/trainer.hpp>
 
 #include <doctest/doctest.h>
@@ -22,6 +24,10 @@ using namespace std::chrono_literals;
 using averaging::AveragerOptions;
 using averaging::StepResult;
 using Averager = averaging::DecentralizedAverager<>;
+struct GlooPolicies : DefaultPolicies {
+  using strategy = averaging::Gloo;
+};
+using GlooAverager = AveragerFor<GlooPolicies>;
 
 namespace {
 
@@ -46,10 +52,11 @@ AveragerOptions fast(std::string prefix, std::size_t group) {
 }
 
 /// Runs one step on every averager at once, with weights `weights` (1 when empty).
-std::vector<StepResult> step_all(std::vector<std::unique_ptr<Averager>>& averagers, std::vector<double> weights = {}) {
+template <class A>
+std::vector<StepResult> step_all(std::vector<std::unique_ptr<A>>& averagers, std::vector<double> weights = {}) {
   std::vector<std::future<StepResult>> futures;
   for (std::size_t i = 0; i < averagers.size(); ++i)
-    futures.push_back(averagers[i]->step_async(weights.empty() ? 1.0 : weights[i], nlohmann::json{{"peer", i}}));
+    futures.push_back(averagers[i]->async_step(weights.empty() ? 1.0 : weights[i], nlohmann::json{{"peer", i}}));
   std::vector<StepResult> out;
   for (auto& f : futures) out.push_back(f.get());
   return out;
@@ -87,24 +94,26 @@ std::vector<at::Tensor> clones(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
-/// Averagers on the given DHT peers, peer i holding peer_tensors(first_seed + i), with a copy
-/// of what each held before.
+/// Averagers of type A on the given DHT peers, peer i holding peer_tensors(first_seed + i),
+/// with a copy of what each held before.
+template <class A = Averager>
 struct Peers {
   std::vector<std::unique_ptr<DHT>> dhts;
   std::vector<std::vector<at::Tensor>> tensors, before;
-  std::vector<std::unique_ptr<Averager>> averagers;
+  std::vector<std::unique_ptr<A>> averagers;
 
   Peers(std::vector<std::unique_ptr<DHT>> peers, int first_seed, const AveragerOptions& options) : dhts(std::move(peers)) {
     for (std::size_t i = 0; i < dhts.size(); ++i) {
       tensors.push_back(peer_tensors(first_seed + static_cast<int>(i)));
       before.push_back(clones(tensors.back()));
-      averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), options));
+      averagers.push_back(std::make_unique<A>(*dhts[i], tensors.back(), options));
     }
   }
 };
 
 /// Checks that every step averaged in a group of `group_size` and left `mean` behind.
-void check_averaged(const std::vector<StepResult>& results, const Peers& peers, const std::vector<at::Tensor>& mean,
+template <class A>
+void check_averaged(const std::vector<StepResult>& results, const Peers<A>& peers, const std::vector<at::Tensor>& mean,
                     std::size_t group_size, double tolerance = 1e-6) {
   for (std::size_t i = 0; i < results.size(); ++i) {
     INFO("peer ", i, ": ", results[i].error);
@@ -114,15 +123,18 @@ void check_averaged(const std::vector<StepResult>& results, const Peers& peers, 
   }
 }
 
-/// Averages `n` peers' tensors once and checks that every peer holds the weighted mean.
+/// Averages `n` peers' tensors once with averager type A and checks that every peer holds the
+/// weighted mean.
+template <class A = Averager>
 void check_group_average(std::size_t n, std::vector<double> weights, Compression compression, double tolerance) {
-  Peers peers(swarm(n), 0, fast("avg" + std::to_string(n), n).compression(compression).part_size_bytes(1024));
+  Peers<A> peers(swarm(n), 0, fast("avg" + std::to_string(n), n).compression(compression).part_size_bytes(1024));
   if (weights.empty()) weights.assign(n, 1.0);
   auto results = step_all(peers.averagers, weights);
   check_averaged(results, peers, expected_mean(peers.before, weights), n, tolerance);
   for (std::size_t i = 0; i < n; ++i) {
     CHECK(results[i].gathered.size() == n);
-    // Every member decodes the same encoded averages: the peers end bit-for-bit equal.
+    // Every member decodes the same encoded averages (butterfly), or Gloo's ring leaves the
+    // same sum on every rank: the peers end bit-for-bit equal.
     for (std::size_t t = 0; t < peers.tensors[i].size(); ++t) CHECK(at::equal(peers.tensors[i][t], peers.tensors[0][t]));
     CHECK((peers.tensors[i][1].scalar_type() == at::kDouble));
   }
@@ -145,7 +157,7 @@ TEST_CASE("averaging: peers whose clocks disagree by up to 3 s (each way) still 
   REQUIRE(got);
   CHECK(got->value->value == "value");
 
-  Peers peers(std::move(dhts), 0, fast("skew", 4).matchmaking_time(Seconds(2)));
+  Peers<> peers(std::move(dhts), 0, fast("skew", 4).matchmaking_time(Seconds(2)));
   auto results = step_all(peers.averagers);
   check_averaged(results, peers, expected_mean(peers.before, {1, 1, 1, 1}), 4);
 }
@@ -187,6 +199,37 @@ TEST_CASE("averaging: float16 and 8-bit compression stay within their error boun
   SUBCASE("quantile8") { check_group_average(4, {}, Compression::quantile8, 0.5); }
 }
 
+TEST_CASE("averaging: the Gloo strategy averages to the mean, weighted, and in float16 within its bound") {
+  check_group_average<GlooAverager>(4, {}, Compression::none, 1e-6);
+  check_group_average<GlooAverager>(3, {1, 2, 5}, Compression::none, 1e-6);
+  check_group_average<GlooAverager>(2, {}, Compression::float16, 5e-3);
+}
+
+TEST_CASE("averaging: the Gloo strategy refuses a client-mode member and codecs it does not have") {
+  {
+    Peers<GlooAverager> peers(swarm(1), 40, fast("gloo_client", 2));
+    DHT client_dht(DHTOptions().client_mode(true).initial_peers(peers.dhts[0]->visible_addresses()));
+    auto tensors = peer_tensors(41);
+    GlooAverager client(client_dht, tensors, fast("gloo_client", 2));
+    auto fa = peers.averagers[0]->async_step(1.0);
+    auto fb = client.async_step(1.0);
+    auto ra = fa.get(), rb = fb.get();
+    INFO(ra.error, " / ", rb.error);
+    CHECK_FALSE(ra.ok);
+    CHECK_FALSE(rb.ok);
+    CHECK(ra.error.find("client mode") != std::string::npos);
+    CHECK(max_abs_diff(peers.tensors[0], peers.before[0]) == 0);
+  }
+  {
+    Peers<GlooAverager> peers(swarm(2), 42, fast("gloo_uniform8", 2).compression(Compression::uniform8));
+    for (const auto& r : step_all(peers.averagers)) {
+      CHECK_FALSE(r.ok);
+      CHECK(r.error.find("not supported") != std::string::npos);
+    }
+    CHECK(max_abs_diff(peers.tensors[0], peers.before[0]) == 0);
+  }
+}
+
 TEST_CASE("averaging: no partner means no change and a clear reason") {
   auto dhts = swarm(1);
   auto tensors = peer_tensors(1);
@@ -210,7 +253,7 @@ TEST_CASE("averaging: no partner means no change and a clear reason") {
 TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing") {
   auto dhts = swarm(2);
   dhts.push_back(std::make_unique<DHT>(DHTOptions().client_mode(true).initial_peers(dhts[0]->visible_addresses())));
-  Peers peers(std::move(dhts), 10, fast("client", 3));
+  Peers<> peers(std::move(dhts), 10, fast("client", 3));
   CHECK(peers.averagers[2]->client_mode());
   auto results = step_all(peers.averagers);
   check_averaged(results, peers, expected_mean(peers.before, {1, 1, 1}), 3);
@@ -263,7 +306,7 @@ struct FakeMember {
 }  // namespace
 
 TEST_CASE("averaging: a member that dies mid-round fails the round cleanly, and the next round succeeds") {
-  Peers peers(swarm(3), 20, fast("dies", 4));
+  Peers<> peers(swarm(3), 20, fast("dies", 4));
   auto fake = std::make_unique<FakeMember>(false);
   auto joined = std::async(std::launch::async, [&] {
     auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
@@ -282,8 +325,27 @@ TEST_CASE("averaging: a member that dies mid-round fails the round cleanly, and 
   check_averaged(step_all(peers.averagers), peers, expected_mean(peers.before, {1, 1, 1}), 3);
 }
 
+TEST_CASE("averaging: a Gloo round whose member never comes fails on the others by its timeout, and the next round works") {
+  Peers<GlooAverager> peers(swarm(3), 25, fast("gloo_dies", 4).allreduce_timeout(Seconds(5)));
+  auto fake = std::make_unique<FakeMember>(false);
+  auto joined = std::async(std::launch::async, [&] {
+    auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
+    fake->rpc->close();  // dies as the round starts: it never opens its Gloo side
+    return n;
+  });
+  auto results = step_all(peers.averagers);  // bounded by matchmaking_time + allreduce_timeout
+  REQUIRE(joined.get() == 4);
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    CHECK(results[i].group_size == 4);
+    CHECK_FALSE(results[i].ok);
+    CHECK(max_abs_diff(peers.tensors[i], peers.before[i]) == 0);
+  }
+  check_averaged(step_all(peers.averagers), peers, expected_mean(peers.before, {1, 1, 1}), 3);
+}
+
 TEST_CASE("averaging: a member that stalls without sending is left out after sender_timeout") {
-  Peers peers(swarm(3), 30, fast("stalls", 4));
+  Peers<> peers(swarm(3), 30, fast("stalls", 4));
   FakeMember fake(true);  // client mode: it owns no part, so the others can finish without it
   auto joined = std::async(std::launch::async, [&] {
     return fake.join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
@@ -317,7 +379,7 @@ TEST_CASE("averaging: a part request with bad fields gets an error and the peer 
   // Still averaging.
   auto other = peer_tensors(2);
   Averager second(*dhts[1], other, fast("bad", 2));
-  auto a = averager.step_async();
+  auto a = averager.async_step();
   auto b = second.step();
   CHECK(a.get().ok);
   CHECK(b.ok);
@@ -372,7 +434,12 @@ TEST_CASE("averaging: load_state_from_peers yields identical parameters, optimiz
   }
 }
 
-TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fashion-MNIST at equal total samples") {
+namespace {
+
+/// Trains small_model on Fashion-MNIST alone and with four peers averaging through strategy
+/// A (a quarter of the samples each); checks every peer reaches the lone peer's accuracy.
+template <class A>
+void check_fashion_mnist_swarm(const std::string& prefix) {
   at::set_num_threads(1);
   constexpr std::int64_t total = 12000, batch = 32, peers = 4;
   constexpr int epochs = 5;
@@ -405,9 +472,9 @@ TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fas
     threads.emplace_back([&, p] {
       auto model = small_model(7);
       torch::optim::SGD sgd(model->parameters(), sgd_options);
-      auto options = optim::DecentralizedOptions().prefix("fmnist").target_group_size(peers).averaging_steps_period(10);
+      auto options = optim::DecentralizedOptions().prefix(prefix).target_group_size(peers).averaging_steps_period(10);
       options.averager().matchmaking_time(Seconds(2));
-      optim::DecentralizedOptimizer opt(sgd, *dhts[static_cast<std::size_t>(p)], options);
+      optim::DecentralizedOptimizer<net::Tcp, dht::Kademlia<>, A> opt(sgd, *dhts[static_cast<std::size_t>(p)], options);
       const std::int64_t shard = total / peers;
       int step = 0;
       for (int e = 0; e < epochs; ++e)
@@ -434,6 +501,16 @@ TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fas
     CHECK(stats[p].averaged >= stats[p].rounds / 2);
     CHECK(accuracies[p] >= baseline_accuracy - 2.0);
   }
+}
+
+}  // namespace
+
+TEST_CASE("averaging: four averaging peers reach the single-peer accuracy on Fashion-MNIST at equal total samples") {
+  check_fashion_mnist_swarm<averaging::Butterfly>("fmnist");
+}
+
+TEST_CASE("averaging: four peers averaging through Gloo reach the single-peer accuracy on Fashion-MNIST") {
+  check_fashion_mnist_swarm<averaging::Gloo>("fmnist_gloo");
 }
 
 TEST_CASE("averaging: average_gradients brings the group's gradient into a later step") {

@@ -3,6 +3,7 @@
 #include "../../examples/common/fashion_mnist.hpp"
 
 #include <hive/moe/mixture.hpp>
+#include <hive/moe/server.hpp>
 
 #include <doctest/doctest.h>
 

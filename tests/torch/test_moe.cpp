@@ -3,6 +3,7 @@
 #include "../common/wait.hpp"
 
 #include <hive/moe/remote_expert.hpp>
+#include <hive/moe/server.hpp>
 
 #include <doctest/doctest.h>
 

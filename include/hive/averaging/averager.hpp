@@ -3,6 +3,7 @@
 /// DecentralizedAverager: peers meet in small groups through the DHT and average their tensors
 /// with an all-reduce Strategy; a peer may also share its state with newcomers.
 
+#include <hive/fwd.hpp>
 #include <hive/averaging/butterfly.hpp>
 #include <hive/averaging/group.hpp>
 #include <hive/core/log.hpp>
@@ -84,6 +85,11 @@ struct StepResult {
   std::vector<nlohmann::json> gathered;
   /// Why the step did not average, when it did not.
   std::string error;
+  /// The same as a code: errc::shutdown (the averager is stopping), errc::invalid_argument
+  /// (another step is running), errc::timeout (no group formed in matchmaking_time, or the
+  /// all-reduce ran out of time), errc::round_failed (another member failed the round), or
+  /// what the all-reduce threw. Empty when ok.
+  std::error_code code;
   /// Seconds spent looking for a group, then averaging.
   double matchmaking_s = 0, allreduce_s = 0;
   /// ok.
@@ -132,8 +138,12 @@ struct State {
 /// DHT's io threads; one step at a time. One averager per DHT peer (the constructor throws
 /// hive::InvalidArgument for a second one while the first runs). The averaged tensors are written in place under
 /// tensors_mutex(): hold it while reading or changing them from other threads.
-template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, Strategy A = Butterfly>
+template <class T, class R, class A>
 class DecentralizedAverager {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(dht::Routing<R>, "R must model dht::Routing (see docs/concepts/routing.md)");
+  static_assert(Strategy<A>, "A must model averaging::Strategy (see docs/concepts/strategy.md)");
+  static_assert(StrategyFor<A, T>, "A's Runner<T> must model averaging::StrategyFor<A, T>");
  public:
   /// The DHT peer type it runs on.
   using dht_type = BasicDHT<T, R>;
@@ -154,16 +164,22 @@ class DecentralizedAverager {
   /// Looks for a group for up to matchmaking_time and averages the tensors with it, each
   /// member weighted by `weight`. `gather` is any small JSON shown to the other members (in
   /// StepResult::gathered). Never throws for a failed round: the result says why.
-  StepResult step(double weight = 1.0, nlohmann::json gather = nullptr) { return step_async(weight, std::move(gather)).get(); }
+  StepResult step(double weight = 1.0, nlohmann::json gather = nullptr) {
+    return async_step(weight, std::move(gather), asio::use_future).get();
+  }
 
-  /// step() without blocking.
-  std::future<StepResult> step_async(double weight = 1.0, nlohmann::json gather = nullptr) {
+  /// step() without blocking. `token` is any Asio completion token for the signature
+  /// `void(std::exception_ptr, StepResult)`: `asio::use_future` (the default),
+  /// `asio::use_awaitable`, `asio::experimental::deferred`, or a callback. A failed round is a StepResult
+  /// with `code` set, not an exception.
+  template <class Token = asio::use_future_t<>>
+  auto async_step(double weight = 1.0, nlohmann::json gather = nullptr, Token&& token = {}) {
     HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
     auto core = core_;
     auto op = [core, weight, gather = std::move(gather)]() -> asio::awaitable<StepResult> {
       co_return co_await core->round(weight, gather);
     };
-    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), asio::use_future);
+    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), std::forward<Token>(token));
   }
 
   /// The averaged tensors (the same storage as given).
@@ -197,9 +213,15 @@ class DecentralizedAverager {
   /// Downloads the state of the sharing peer with the highest priority (trying the next one
   /// when a download fails); nullopt when no peer shares a state or every download failed.
   std::optional<State> load_state_from_peers(Seconds timeout = Seconds(60)) {
+    return async_load_state_from_peers(timeout, asio::use_future).get();
+  }
+  /// load_state_from_peers() without blocking; `token` as async_step's, for the signature
+  /// `void(std::exception_ptr, std::optional<State>)`.
+  template <class Token = asio::use_future_t<>>
+  auto async_load_state_from_peers(Seconds timeout = Seconds(60), Token&& token = {}) {
     auto core = core_;
     auto op = [core, timeout]() -> asio::awaitable<std::optional<State>> { co_return co_await core->download_state(timeout); };
-    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), asio::use_future).get();
+    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), std::forward<Token>(token));
   }
 
   /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
@@ -546,10 +568,12 @@ class DecentralizedAverager {
       StepResult result;
       if (closed) {
         result.error = "the averager is shut down";
+        result.code = errc::shutdown;
         co_return result;
       }
       if (busy) {
         result.error = "another step of this averager is running";
+        result.code = errc::invalid_argument;
         co_return result;
       }
       busy = true;
@@ -571,6 +595,7 @@ class DecentralizedAverager {
       result.matchmaking_s = std::chrono::duration<double>(matched - started).count();
       if (!group) {
         result.error = why;
+        result.code = closed ? std::error_code(errc::shutdown) : std::error_code(errc::timeout);
         co_return result;
       }
       result.group_size = group->size();
@@ -586,8 +611,14 @@ class DecentralizedAverager {
         auto averaged = co_await std::move(op);
         std::lock_guard lock(tensors_mutex);
         unflatten_into(averaged, tensors);
-      } catch (const std::exception& e) {
+      } catch (const std::system_error& e) {  // hive::Error, hive::RemoteError
         result.error = e.what();
+        result.code = e.code();
+        result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
+        co_return result;
+      } catch (const std::exception& e) {  // a torch error writing the average back
+        result.error = e.what();
+        result.code = errc::round_failed;
         result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
         co_return result;
       }

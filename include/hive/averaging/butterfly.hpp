@@ -9,7 +9,7 @@
 #include <hive/core/tensor_codec.hpp>
 #include <hive/detail/event.hpp>
 #include <hive/net/rpc.hpp>
-#include <hive/net/tcp.hpp>
+#include <hive/net/transport.hpp>
 
 #include <cmath>
 #include <concepts>
@@ -41,22 +41,29 @@ struct AllReduceSettings {
   Limits limits{};
 };
 
-/// The all-reduce policy of DecentralizedAverager (the `averaging::Strategy` slot of Trainer).
+/// The all-reduce policy slot for transport T: what DecentralizedAverager<T, R, A> needs of A.
 ///
-/// A Strategy names itself (`A::name`, in debug logs) and provides `Runner<T>`, constructible
-/// from a peer's `std::shared_ptr<net::Rpc<T>>`, with `run(group, flat, weight, settings)`
-/// (awaitable: the group's weighted average of `flat`), `serve(request, settings)` (the
-/// handler of part_method) and `close()`. The concept checks Runner<net::Tcp>.
-template <class A>
-concept Strategy = requires {
+/// A model names itself (`A::name`, in logs) and provides `Runner<T>`, constructible from a
+/// peer's `std::shared_ptr<net::Rpc<T>>`, with `run(group, flat, weight, settings)` (awaitable:
+/// the group's weighted average of `flat`), `serve(request, settings)` (the handler of
+/// part_method) and `close()`. See docs/concepts/strategy.md.
+template <class A, class T>
+concept StrategyFor = net::Transport<T> && requires {
   { A::name } -> std::convertible_to<std::string_view>;
-  typename A::template Runner<net::Tcp>;
-} && std::constructible_from<typename A::template Runner<net::Tcp>, std::shared_ptr<net::Rpc<net::Tcp>>> && requires(typename A::template Runner<net::Tcp>& r, const GroupInfo& g, at::Tensor t, double w,
-              const AllReduceSettings& s, Message m) {
-  { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<at::Tensor>>;
-  { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
-  r.close();
-};
+  typename A::template Runner<T>;
+} && std::constructible_from<typename A::template Runner<T>, std::shared_ptr<net::Rpc<T>>> &&
+    requires(typename A::template Runner<T>& r, const GroupInfo& g, at::Tensor t, double w, const AllReduceSettings& s,
+             Message m) {
+      { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<at::Tensor>>;
+      { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
+      r.close();
+    };
+
+/// The all-reduce policy slot (the `strategy` of a policy bundle): a StrategyFor every
+/// transport, checked against net::archetype::Transport. Models: Butterfly (the default) and
+/// Gloo (<hive/averaging/gloo.hpp>).
+template <class A>
+concept Strategy = StrategyFor<A, net::archetype::Transport>;
 
 /// Butterfly all-reduce (the default Strategy).
 ///

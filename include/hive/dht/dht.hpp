@@ -2,6 +2,7 @@
 /// @file
 /// hive::DHT: the blocking and future-returning facade of a DHT peer, with its own runtime.
 
+#include <hive/fwd.hpp>
 #include <hive/core/msgpack.hpp>
 #include <hive/dht/node.hpp>
 #include <hive/net/runtime.hpp>
@@ -43,6 +44,24 @@ struct DHTOptions {
                     transport, rpc)
 };
 
+/// The options of transport T for a peer configured by `options`: for a transport configured by
+/// net::TcpOptions, DHTOptions::transport, or `given` (not both: hive::InvalidArgument); for any
+/// other transport, `given` (or its defaults), and DHTOptions::transport must be left alone,
+/// since that transport would not read it. Shared by BasicDHT, Server and Trainer.
+template <class T>
+typename T::Options transport_options_of(const DHTOptions& options, std::optional<typename T::Options> given) {
+  const bool set_in_dht = nlohmann::json(options.transport()) != nlohmann::json(net::TcpOptions{});
+  if constexpr (std::is_same_v<typename T::Options, net::TcpOptions>) {
+    HIVE_CHECK(!(given && set_in_dht),
+               "TCP options were given twice, in DHTOptions::transport and as the transport argument: set one");
+    return given ? std::move(*given) : options.transport();
+  } else {
+    HIVE_CHECK(!set_in_dht, "DHTOptions::transport holds TCP knobs, which this transport does not read: pass its "
+                            "options as the transport argument instead");
+    return given ? std::move(*given) : typename T::Options{};
+  }
+}
+
 /// A value read from the DHT: decoded JSON and its expiration.
 struct DHTValue {
   /// The value as stored (decoded from MessagePack).
@@ -76,18 +95,23 @@ struct DHTRecord {
 /// @endcode
 /// @par Thread safety
 /// All member functions may be called from any thread except the peer's own io threads.
-template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>>
+template <class T, class R>
 class BasicDHT {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(dht::Routing<R>, "R must model dht::Routing (see docs/concepts/routing.md)");
+  static_assert(dht::RoutingFor<R, T>, "R::node_type<T> must model dht::RoutingFor<R, T>");
  public:
   /// The protocol peer type.
-  using node_type = dht::Node<T, R>;
+  using node_type = typename R::template node_type<T>;
 
   /// Starts a peer on its own runtime: listens (unless client mode) and bootstraps from the
   /// initial peers. Throws hive::Error when initial peers were given and none answered.
-  explicit BasicDHT(DHTOptions options = {}, typename T::Options transport_options = default_transport(),
+  /// `transport_options` configures a transport whose options are not net::TcpOptions (for
+  /// net::Tcp, DHTOptions::transport is their home; giving both throws hive::InvalidArgument).
+  explicit BasicDHT(DHTOptions options = {}, std::optional<typename T::Options> given_transport = std::nullopt,
                     std::optional<Id160> id = std::nullopt)
       : options_(std::move(options)), runtime_(options_.threads()) {
-    if constexpr (std::is_same_v<T, net::Tcp>) transport_options = options_.transport();
+    auto transport_options = transport_options_of<T>(options_, std::move(given_transport));
     auto node_options = options_.node();
     node_options.client_mode(options_.client_mode());
     node_ = node_type::create(runtime_.executor(), node_options, std::move(transport_options), options_.rpc(), id);
@@ -134,9 +158,16 @@ class BasicDHT {
   [[nodiscard]] asio::any_io_executor executor() noexcept { return runtime_.executor(); }
 
   /// Stores `value` (any JSON, sent as MessagePack) under `key` until `expiration`, as a
-  /// regular value or, with `subkey`, as a dictionary entry. True when a replica accepted it.
-  std::future<bool> store_async(std::string_view key, const nlohmann::json& value, double expiration,
-                                std::optional<dht::Subkey> subkey = std::nullopt) {
+  /// regular value or, with `subkey`, as a dictionary entry. Completes with true when a
+  /// replica accepted it.
+  ///
+  /// `token` is any Asio completion token for the signature `void(std::exception_ptr, bool)`:
+  /// `asio::use_future` (the default: a `std::future<bool>`), `asio::use_awaitable`,
+  /// `asio::experimental::deferred`, or a callback. Failures arrive as the exception (hive::Error, whose
+  /// code() is a hive::errc); `false` means no replica accepted the value.
+  template <class Token = asio::use_future_t<>>
+  auto async_store(std::string_view key, const nlohmann::json& value, double expiration,
+                   std::optional<dht::Subkey> subkey = std::nullopt, Token&& token = {}) {
     std::vector<dht::StoreItem> items{{Id160::of(key), std::move(subkey), nlohmann::json::to_msgpack(value), expiration}};
     auto node = node_;
     return asio::co_spawn(
@@ -145,16 +176,19 @@ class BasicDHT {
           auto ok = co_await node->store_many(std::move(items));
           co_return ok.at(0);
         },
-        asio::use_future);
+        std::forward<Token>(token));
   }
-  /// Blocking store().
+  /// Blocking async_store(): true when a replica accepted the value; throws hive::Error.
   bool store(std::string_view key, const nlohmann::json& value, double expiration,
              std::optional<dht::Subkey> subkey = std::nullopt) {
-    return store_async(key, value, expiration, std::move(subkey)).get();
+    return async_store(key, value, expiration, std::move(subkey), asio::use_future).get();
   }
 
   /// Looks `key` up; with `latest` asks all nearest peers and returns the freshest record.
-  std::future<std::optional<DHTRecord>> get_async(std::string_view key, bool latest = false) {
+  /// Completes with the record, or nullopt when no peer holds one; `token` as async_store's,
+  /// for the signature `void(std::exception_ptr, std::optional<DHTRecord>)`.
+  template <class Token = asio::use_future_t<>>
+  auto async_get(std::string_view key, bool latest = false, Token&& token = {}) {
     auto node = node_;
     return asio::co_spawn(
         runtime_.executor(),
@@ -163,10 +197,12 @@ class BasicDHT {
           if (!record) co_return std::nullopt;
           co_return decode(*record);
         },
-        asio::use_future);
+        std::forward<Token>(token));
   }
-  /// Blocking get().
-  std::optional<DHTRecord> get(std::string_view key, bool latest = false) { return get_async(key, latest).get(); }
+  /// Blocking async_get().
+  std::optional<DHTRecord> get(std::string_view key, bool latest = false) {
+    return async_get(key, latest, asio::use_future).get();
+  }
 
   /// Decodes a raw record's MessagePack values; values that do not decode are skipped.
   static std::optional<DHTRecord> decode(const dht::Record& record) {
@@ -190,7 +226,6 @@ class BasicDHT {
   }
 
  private:
-  static typename T::Options default_transport() { return typename T::Options{}; }
 
   DHTOptions options_;
   net::Runtime runtime_;

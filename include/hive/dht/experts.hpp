@@ -189,7 +189,7 @@ std::vector<std::optional<std::string>> get_experts(BasicDHT<T, R>& dht, const s
   pending.reserve(uids.size());
   // The first unexpired record suffices: a server re-declares its experts long before they
   // expire, so any replica's copy names a live address.
-  for (const auto& uid : uids) pending.push_back(dht.get_async(uid, /*latest=*/false));
+  for (const auto& uid : uids) pending.push_back(dht.async_get(uid, /*latest=*/false));
   std::vector<std::optional<std::string>> out;
   for (auto& f : pending) {
     auto record = f.get();
@@ -264,7 +264,7 @@ class ExpertDirectory {
       pending.reserve(keys.size());
       // latest: ask every nearest replica and merge their dictionaries. Each server adds its
       // own subkeys, and a replica that joined late may hold only some of them.
-      for (const auto& key : keys) pending.push_back(dht.get_async(key, /*latest=*/true));
+      for (const auto& key : keys) pending.push_back(dht.async_get(key, /*latest=*/true));
       std::vector<std::optional<DHTRecord>> out;
       out.reserve(keys.size());
       for (auto& f : pending) out.push_back(f.get());

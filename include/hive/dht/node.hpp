@@ -9,6 +9,7 @@
 #include <hive/detail/event.hpp>
 #include <hive/fwd.hpp>
 #include <hive/dht/blacklist.hpp>
+#include <hive/dht/protocol.hpp>
 #include <hive/dht/routing.hpp>
 #include <hive/dht/storage.hpp>
 #include <hive/net/address.hpp>
@@ -29,9 +30,9 @@
 
 namespace hive::dht {
 
-/// The routing policy slot: Kademlia's compile-time constants.
+/// What dht::Node reads from its routing policy: Kademlia's compile-time constants.
 template <class R>
-concept Routing = requires {
+concept KademliaConstants = requires {
   { R::bucket_size } -> std::convertible_to<std::size_t>;
   { R::alpha } -> std::convertible_to<std::size_t>;
   { R::depth_modulo } -> std::convertible_to<int>;
@@ -41,7 +42,7 @@ concept Routing = requires {
 /// @tparam K bucket size, also the number of nearest peers a lookup converges on
 /// @tparam Alpha parallel requests per lookup
 /// @tparam DepthModulo hivemind's relaxation: full buckets at depths not divisible by it split
-template <std::size_t K = 20, std::size_t Alpha = 3, int DepthModulo = 5>
+template <std::size_t K, std::size_t Alpha, int DepthModulo>
 struct Kademlia {
   /// k: bucket size.
   static constexpr std::size_t bucket_size = K;
@@ -49,8 +50,12 @@ struct Kademlia {
   static constexpr std::size_t alpha = Alpha;
   /// Split relaxation.
   static constexpr int depth_modulo = DepthModulo;
+  /// The DHT engine of a BasicDHT<T, Kademlia>: hive's own peer, which owns the routing table
+  /// and the lookups.
+  template <class T>
+  using node_type = Node<T, Kademlia>;
 };
-static_assert(Routing<Kademlia<>>);
+static_assert(KademliaConstants<Kademlia<>>);
 
 /// Run-time knobs of a DHT peer.
 struct NodeOptions {
@@ -85,136 +90,6 @@ struct NodeOptions {
                     cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes, clock_offset)
 };
 
-/// One item of a store: a key (already hashed), an optional subkey, a value, its expiration.
-struct StoreItem {
-  /// The key's id (Id160::of(user key)).
-  Id160 key;
-  /// Set for a dictionary entry.
-  std::optional<Subkey> subkey;
-  /// MessagePack bytes.
-  Bytes value;
-  /// Absolute expiration (wall_time() base).
-  double expiration = 0;
-};
-
-namespace detail {
-
-inline nlohmann::json id_to_json(const Id160& id) {
-  return nlohmann::json::binary(std::vector<std::uint8_t>(id.bytes().begin(), id.bytes().end()));
-}
-inline Id160 id_from_json(const nlohmann::json& j) {
-  if (!j.is_binary() || j.get_binary().size() != Id160::size) throw Error(errc::bad_header, "a DHT id must be 20 bytes");
-  return Id160::from_bytes(j.get_binary());
-}
-inline nlohmann::json record_to_json(const Record& r) {
-  if (!r.is_dictionary()) {
-    const auto& v = r.regular();
-    return {{"v", nlohmann::json::binary(v.value)}, {"e", v.expiration}};
-  }
-  nlohmann::json items = nlohmann::json::array();
-  for (const auto& [subkey, v] : r.dictionary())
-    items.push_back({subkey_to_json(subkey), nlohmann::json::binary(v.value), v.expiration});
-  return {{"d", std::move(items)}};
-}
-inline double finite_number(const nlohmann::json& j) {
-  if (!j.is_number()) throw Error(errc::bad_header, "an expiration must be a number");
-  const double x = j.get<double>();
-  if (!std::isfinite(x)) throw Error(errc::bad_header, "an expiration must be finite");
-  return x;
-}
-inline Bytes bytes_from_json(const nlohmann::json& j) {
-  if (!j.is_binary()) throw Error(errc::bad_header, "a DHT value must be binary MessagePack");
-  return j.get_binary();
-}
-inline Record record_from_json(const nlohmann::json& j) {
-  if (!j.is_object()) throw Error(errc::bad_header, "a record must be a map");
-  if (auto v = j.find("v"); v != j.end()) {
-    Record r;
-    r.content = ValueWithExpiration{bytes_from_json(*v), finite_number(j.at("e"))};
-    r.expiration = std::get<0>(r.content).expiration;
-    return r;
-  }
-  auto d = j.find("d");
-  if (d == j.end() || !d->is_array()) throw Error(errc::bad_header, "a record holds \"v\" or \"d\"");
-  Dictionary dict;
-  double latest = -std::numeric_limits<double>::infinity();
-  for (const auto& item : *d) {
-    if (!item.is_array() || item.size() != 3) throw Error(errc::bad_header, "a dictionary item is [subkey, value, expiration]");
-    auto subkey = subkey_from_json(item[0]);
-    if (!subkey) throw Error(errc::bad_header, "a subkey must be an integer or a string");
-    ValueWithExpiration v{bytes_from_json(item[1]), finite_number(item[2])};
-    latest = std::max(latest, v.expiration);
-    dict[*subkey] = std::move(v);
-  }
-  Record r;
-  r.content = std::move(dict);
-  r.expiration = latest;
-  return r;
-}
-
-/// Bytes a value with its subkey takes in a reply, framing included (roughly).
-inline std::size_t reply_bytes(const Bytes& value, const std::optional<Subkey>& subkey) {
-  return value.size() + (subkey ? subkey_bytes(*subkey) : 0) + 16;
-}
-
-/// `record` cut to fit `budget` bytes (which it reduces): whole if it fits; a dictionary keeps
-/// its latest-expiring subkeys that fit; nullopt when nothing fits. Sets `truncated` when
-/// anything was left out.
-inline std::optional<Record> fit_record(const Record& record, std::size_t& budget, bool& truncated) {
-  if (!record.is_dictionary()) {
-    const auto need = reply_bytes(record.regular().value, std::nullopt);
-    if (need > budget) {
-      truncated = true;
-      return std::nullopt;
-    }
-    budget -= need;
-    return record;
-  }
-  const auto& dict = record.dictionary();
-  std::vector<const std::pair<const Subkey, ValueWithExpiration>*> order;
-  order.reserve(dict.size());
-  for (const auto& item : dict) order.push_back(&item);
-  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->second.expiration > b->second.expiration; });
-  Dictionary kept;
-  for (const auto* item : order) {
-    const auto need = reply_bytes(item->second.value, item->first);
-    if (need > budget) {
-      truncated = true;
-      continue;
-    }
-    budget -= need;
-    kept.emplace(item->first, item->second);
-  }
-  if (kept.empty()) return std::nullopt;
-  Record out;
-  for (const auto& [subkey, v] : kept) out.expiration = std::max(out.expiration, v.expiration);
-  out.content = std::move(kept);
-  return out;
-}
-
-/// Merges `incoming` into `best`: the later regular value, the union of dictionaries with the
-/// later entry per subkey, and between a regular value and a dictionary the later record.
-inline void merge_record(std::optional<Record>& best, const Record& incoming, double now) {
-  if (incoming.expiration <= now) return;
-  if (!best) {
-    best = incoming;
-    return;
-  }
-  if (best->is_dictionary() && incoming.is_dictionary()) {
-    auto dict = best->dictionary();
-    for (const auto& [subkey, v] : incoming.dictionary()) {
-      auto it = dict.find(subkey);
-      if (it == dict.end() || it->second.expiration < v.expiration) dict[subkey] = v;
-    }
-    best->content = std::move(dict);
-    best->expiration = std::max(best->expiration, incoming.expiration);
-  } else if (incoming.expiration > best->expiration) {
-    best = incoming;
-  }
-}
-
-}  // namespace detail
-
 /// One DHT peer.
 ///
 /// Values live on the `num_replicas` peers nearest to their key's id. A lookup keeps Alpha
@@ -229,8 +104,10 @@ inline void merge_record(std::optional<Record>& best, const Record& incoming, do
 /// @par Thread safety
 /// All state lives on the RPC peer's strand; the coroutine operations may be awaited from any
 /// executor (they hop to the strand), the blocking facade is hive::DHT.
-template <net::Transport T = net::Tcp, Routing R = Kademlia<>>
+template <class T, class R>
 class Node : public std::enable_shared_from_this<Node<T, R>> {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(KademliaConstants<R>, "dht::Node needs R's Kademlia constants (bucket_size, alpha, depth_modulo)");
   struct Private {};
 
  public:
@@ -423,7 +300,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     };
     // A ping's reply tells the caller the host it was seen at ("you"), so that a peer on a
     // wildcard address learns what others reach it at.
-    rpc_->add_handler("dht.ping", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+    rpc_->add_handler(std::string(ping_method), guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
       self->learn_sender(m.header, ctx.remote_address);
       auto reply = self->sender();
       try {
@@ -432,10 +309,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       }
       co_return Message{std::move(reply), {}};
     }));
-    rpc_->add_handler("dht.store", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+    rpc_->add_handler(std::string(store_method), guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
       co_return self->serve_store(m, ctx.remote_address);
     }));
-    rpc_->add_handler("dht.find", guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
+    rpc_->add_handler(std::string(find_method), guard([](std::shared_ptr<Node> self, net::CallContext ctx, Message m) -> asio::awaitable<Message> {
       co_return self->serve_find(m, ctx.remote_address);
     }));
   }
@@ -641,7 +518,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   asio::awaitable<std::optional<Id160>> ping_on_strand(const std::string& address) {
     if (blacklist_.is_banned(address)) co_return std::nullopt;
     Message request{nlohmann::json{{"from", sender()}}, {}};
-    auto op = call_peer(std::nullopt, address, "dht.ping", std::move(request), [this](const Message& m) {
+    auto op = call_peer(std::nullopt, address, std::string(ping_method), std::move(request), [this](const Message& m) {
       auto id = detail::id_from_json(m.header.at("id"));
       if (auto you = m.header.find("you");
           you != m.header.end() && you->is_string() && you->template get_ref<const std::string&>().size() <= 64)
@@ -661,7 +538,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
                       nlohmann::json::binary(it.value), it.expiration, in_cache});
     const std::size_t n = items.size();
     Message request{nlohmann::json{{"from", sender()}, {"items", std::move(list)}}, {}};
-    auto op = call_peer(peer.id, peer.address, "dht.store", std::move(request), [n](const Message& m) {
+    auto op = call_peer(peer.id, peer.address, std::string(store_method), std::move(request), [n](const Message& m) {
       const auto& results = m.header.at("results");
       std::vector<bool> accepted(n, false);
       for (std::size_t i = 0; i < n && i < results.size(); ++i) accepted[i] = results[i] == "stored";
@@ -680,7 +557,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
   asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key) {
     Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
-    auto op = call_peer(peer.id, peer.address, "dht.find", std::move(request), [](const Message& m) {
+    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [](const Message& m) {
       const auto& r = m.header.at("results").at(0);
       FindReply reply;
       if (r.contains("r")) reply.record = detail::record_from_json(r["r"]);
@@ -938,5 +815,42 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   bool upkeep_started_ = false;
   bool closed_ = false;
 };
+
+/// The routing policy slot for transport T: `R::node_type<T>` is the DHT engine a BasicDHT<T, R>
+/// runs — it owns the routing table and the lookups, stores and finds records, and carries the
+/// peer's RPC port for the layers above (experts, averaging). Models: Kademlia<K, Alpha,
+/// DepthModulo> (hive's own dht::Node) and OpenDHT (<hive/dht/opendht.hpp>). See
+/// docs/concepts/routing.md.
+template <class R, class T>
+concept RoutingFor =
+    net::Transport<T> && requires { typename R::template node_type<T>; } &&
+    requires(typename R::template node_type<T>& n, const typename R::template node_type<T>& cn,
+             std::vector<StoreItem> items, Id160 key, bool latest, std::vector<std::string> peers,
+             std::string_view address, const asio::any_io_executor& executor, NodeOptions options,
+             typename T::Options transport_options, net::RpcOptions rpc_options, std::optional<Id160> id) {
+      { R::template node_type<T>::create(executor, options, transport_options, rpc_options, id) }
+          -> std::same_as<std::shared_ptr<typename R::template node_type<T>>>;
+      { cn.id() } -> std::convertible_to<const Id160&>;
+      { cn.rpc() } -> std::convertible_to<std::shared_ptr<net::Rpc<T>>>;
+      { cn.address() } -> std::convertible_to<std::string>;
+      { cn.announce_addresses(address) } -> std::convertible_to<std::vector<std::string>>;
+      { cn.bootstrap_failures() } -> std::convertible_to<std::vector<std::string>>;
+      { cn.options() } -> std::convertible_to<const NodeOptions&>;
+      { cn.now() } -> std::convertible_to<double>;
+      n.listen(address);
+      { n.bootstrap(peers) } -> std::same_as<asio::awaitable<std::size_t>>;
+      { n.store_many(items) } -> std::same_as<asio::awaitable<std::vector<bool>>>;
+      { n.get(key, latest) } -> std::same_as<asio::awaitable<std::optional<Record>>>;
+      { n.routing_table_size() } -> std::same_as<asio::awaitable<std::size_t>>;
+      { n.storage_size() } -> std::same_as<asio::awaitable<std::pair<std::size_t, std::size_t>>>;
+      n.close();
+    };
+
+/// The routing policy slot (the `routing` of a policy bundle): a RoutingFor every transport,
+/// checked against net::archetype::Transport.
+template <class R>
+concept Routing = RoutingFor<R, net::archetype::Transport>;
+
+static_assert(Routing<Kademlia<>>);
 
 }  // namespace hive::dht

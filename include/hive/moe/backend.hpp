@@ -3,6 +3,7 @@
 /// The moe::Backend concept (what a server calls to compute an expert) and its default model,
 /// ModuleBackend: a torch module with its optimizer, schemas and checkpoints.
 
+#include <hive/fwd.hpp>
 #include <hive/core/log.hpp>
 #include <hive/core/options.hpp>
 #include <hive/moe/experts.hpp>
@@ -68,7 +69,7 @@ struct BackendOptions {
 /// @par Thread safety
 /// forward(), backward(), save() and load() may be called from any thread; they serialize on
 /// the backend's own lock (a forward never sees a half-applied update).
-template <class M = AnyExpert>
+template <class M>
 class ModuleBackend {
  public:
   /// The module type.

@@ -3,9 +3,10 @@
 /// RemoteExpert: an expert on another machine used like a local torch module, with autograd
 /// (the backward pass sends grad_outputs to the server and gets the input gradients back).
 
+#include <hive/fwd.hpp>
 #include <hive/core/tensor_codec.hpp>
 #include <hive/dht/experts.hpp>
-#include <hive/moe/server.hpp>
+#include <hive/moe/protocol.hpp>
 #include <hive/net/rpc.hpp>
 #include <hive/net/runtime.hpp>
 
@@ -66,8 +67,10 @@ class ExpertClient {
 /// shared by every expert that uses this client).
 ///
 /// @tparam T the net::Transport policy
-template <net::Transport T = net::Tcp>
+template <class T>
 class Client final : public ExpertClient {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+
  public:
   /// Starts `threads` io threads and an RPC peer that only calls out.
   explicit Client(typename T::Options transport_options = typename T::Options{}, net::RpcOptions rpc_options = {},

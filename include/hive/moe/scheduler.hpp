@@ -3,6 +3,7 @@
 /// The moe::Scheduler concept and its default model PriorityBatcher: task pools that merge the
 /// rows of many requests into batches and run them on compute threads of their own.
 
+#include <hive/fwd.hpp>
 #include <hive/core/clock.hpp>
 #include <hive/core/log.hpp>
 #include <hive/core/options.hpp>
@@ -54,7 +55,8 @@ struct PoolStats {
 /// A scheduler owns pools, one per (expert, forward/backward); submit() queues a task (the
 /// tensors of one request) and calls its callback from a compute thread with the task's own
 /// rows of the batch result. start() launches the compute threads; stop() joins them and
-/// fails the tasks still queued with hive::Error(errc::shutdown).
+/// fails the tasks still queued with hive::Error(errc::shutdown). max_batch_size() is the most
+/// rows one request may carry. See docs/concepts/scheduler.md.
 template <class S>
 concept Scheduler = requires(S& s, const S& cs, const typename S::Options& options, PoolFunction f,
                              std::vector<at::Tensor> inputs, TaskCallback done, std::size_t pool) {
@@ -65,6 +67,7 @@ concept Scheduler = requires(S& s, const S& cs, const typename S::Options& optio
   { s.start() };
   { s.stop() };
   { cs.stats() } -> std::same_as<std::vector<PoolStats>>;
+  { cs.max_batch_size() } -> std::convertible_to<std::size_t>;
 };
 
 /// Run-time knobs of PriorityBatcher.
@@ -95,7 +98,7 @@ struct BatcherOptions {
 /// @par Thread safety
 /// add_pool() before start(); submit() and stats() from any thread; stop() is idempotent and
 /// must not run on a compute thread.
-template <std::size_t MaxBatchSize = 4096>
+template <std::size_t MaxBatchSize>
 class PriorityBatcher {
  public:
   /// Run-time knobs.
@@ -116,6 +119,8 @@ class PriorityBatcher {
 
   /// The options in effect (max_batch_size resolved).
   [[nodiscard]] const Options& options() const noexcept { return options_; }
+  /// The most rows one request may carry (the server advertises it in moe.info).
+  [[nodiscard]] std::size_t max_batch_size() const noexcept { return options_.max_batch_size(); }
 
   /// Adds a pool running `f`; returns its index for submit().
   std::size_t add_pool(std::string name, PoolFunction f) {

@@ -3,10 +3,12 @@
 /// hive::Server: hosts experts, batches their requests, trains them on backward, and announces
 /// them in the DHT.
 
+#include <hive/fwd.hpp>
 #include <hive/core/tensor_codec.hpp>
 #include <hive/dht/dht.hpp>
 #include <hive/dht/experts.hpp>
 #include <hive/moe/backend.hpp>
+#include <hive/moe/protocol.hpp>
 #include <hive/moe/scheduler.hpp>
 
 #include <condition_variable>
@@ -20,15 +22,6 @@
 #include <vector>
 
 namespace hive {
-
-namespace moe {
-/// Method that returns an expert's info (schemas, parameter count, updates).
-inline constexpr std::string_view info_method = "moe.info";
-/// Method that runs an expert's forward on a batch.
-inline constexpr std::string_view forward_method = "moe.forward";
-/// Method that runs an expert's backward (and update) on a batch.
-inline constexpr std::string_view backward_method = "moe.backward";
-}  // namespace moe
 
 /// Run-time knobs of a Server.
 struct ServerOptions {
@@ -74,12 +67,12 @@ struct ServerOptions {
 /// @par Thread safety
 /// The constructor starts serving; shutdown() (also run by the destructor) stops. Accessors
 /// may be called from any thread except the server's own io and compute threads.
-template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, moe::Scheduler S = moe::PriorityBatcher<>,
-          moe::Backend B = moe::ModuleBackend<>>
-class Server;
-
-template <net::Transport T, dht::Routing R, moe::Scheduler S, moe::Backend B>
+template <class T, class R, class S, class B>
 class Server {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(dht::Routing<R>, "R must model dht::Routing (see docs/concepts/routing.md)");
+  static_assert(moe::Scheduler<S>, "S must model moe::Scheduler (see docs/concepts/scheduler.md)");
+  static_assert(moe::Backend<B>, "B must model moe::Backend (see docs/concepts/backend.md)");
  public:
   /// The DHT peer type.
   using dht_type = BasicDHT<T, R>;
@@ -90,13 +83,13 @@ class Server {
 
   /// Serves `backends` (each named by its expert uid) with batching options from `options`.
   explicit Server(std::vector<B> backends, ServerOptions options = {},
-                  typename T::Options transport_options = typename T::Options{})
-    requires std::is_same_v<typename S::Options, moe::BatcherOptions>
-      : Server(std::move(backends), options, options.batching(), std::move(transport_options)) {}
+                  std::optional<typename T::Options> transport_options = std::nullopt)
+    requires std::constructible_from<typename S::Options, const moe::BatcherOptions&>
+      : Server(std::move(backends), options, typename S::Options(options.batching()), std::move(transport_options)) {}
 
   /// Serves `backends` with a scheduler built from `scheduler_options`.
   Server(std::vector<B> backends, ServerOptions options, const typename S::Options& scheduler_options,
-         typename T::Options transport_options)
+         std::optional<typename T::Options> transport_options)
       : options_(std::move(options)), scheduler_(scheduler_options) {
     HIVE_CHECK(!backends.empty(), "a server needs at least one expert");
     HIVE_CHECK(options_.update_period() > Seconds(0), "update_period must be positive");
@@ -123,8 +116,7 @@ class Server {
     HIVE_CHECK(!options_.dht().client_mode(), "a server must accept connections: dht.client_mode must be false");
     scheduler_.start();
     try {
-      if constexpr (std::is_same_v<T, net::Tcp>) transport_options = options_.dht().transport();
-      auto expert_transport = transport_options;
+      auto expert_transport = transport_options_of<T>(options_.dht(), transport_options);
       dht_ = std::make_unique<dht_type>(options_.dht(), std::move(transport_options));
       if (options_.listen_on().empty()) {
         rpc_ = dht_->node()->rpc();
@@ -245,7 +237,9 @@ class Server {
     auto& rpc = rpc_;
     rpc->add_handler(std::string(moe::info_method), [this](net::CallContext, Message m) -> asio::awaitable<Message> {
       const auto& e = entry_of(m);
-      co_return Message{e.backend->info(), {}};
+      auto info = e.backend->info();
+      info["max_batch_size"] = scheduler_.max_batch_size();
+      co_return Message{std::move(info), {}};
     });
     rpc->add_handler(std::string(moe::forward_method), [this](net::CallContext, Message m) -> asio::awaitable<Message> {
       const auto& e = entry_of(m);

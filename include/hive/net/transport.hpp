@@ -9,7 +9,9 @@
 #include <hive/detail/asio_compat.hpp>
 #include <hive/net/frame.hpp>
 
+#include <asio/any_io_executor.hpp>
 #include <asio/ip/address.hpp>
+#include <asio/strand.hpp>
 
 #include <charconv>
 #include <concepts>
@@ -121,5 +123,49 @@ concept Transport = requires(T& t, const T& ct, std::string address, Deadline de
   { t.connect(address, deadline) } -> std::same_as<asio::awaitable<std::shared_ptr<typename T::connection_type>>>;
   { t.close() };
 };
+
+/// Types that model a concept and do nothing else, for checking generic code against the
+/// concept alone (Boost's archetypes): their members are declared, never defined, so they exist
+/// only in unevaluated contexts such as a `requires` expression.
+namespace archetype {
+
+/// Models net::Connection and nothing more.
+struct Connection {
+  /// Declared only.
+  asio::awaitable<Frame> read_frame();
+  /// Declared only.
+  asio::awaitable<void> write_frame(const EncodedFrame& frame);
+  /// Declared only.
+  void close() noexcept;
+  /// Declared only.
+  [[nodiscard]] std::string remote_address() const;
+};
+
+/// Models net::Transport and nothing more: strategies and other policies that take a transport
+/// parameter are checked against it, so their concept does not depend on net::Tcp.
+struct Transport {
+  /// Empty options.
+  struct Options {};
+  /// The connection archetype.
+  using connection_type = Connection;
+  /// Any strand.
+  using executor_type = asio::strand<asio::any_io_executor>;
+  /// Declared only.
+  [[nodiscard]] executor_type get_executor() const;
+  /// Declared only.
+  [[nodiscard]] const Limits& limits() const;
+  /// Declared only.
+  std::string listen(std::string address);
+  /// Declared only.
+  asio::awaitable<std::shared_ptr<Connection>> accept();
+  /// Declared only.
+  asio::awaitable<std::shared_ptr<Connection>> connect(std::string address, Deadline deadline);
+  /// Declared only.
+  void close();
+};
+
+}  // namespace archetype
+
+static_assert(Transport<archetype::Transport>);
 
 }  // namespace hive::net

@@ -3,6 +3,7 @@
 /// DecentralizedOptimizer: a torch optimizer whose parameters (and optionally gradients) are
 /// averaged with peers in the background.
 
+#include <hive/fwd.hpp>
 #include <hive/averaging/averager.hpp>
 
 #include <torch/optim/optimizer.h>
@@ -19,16 +20,32 @@ namespace hive::optim {
 
 /// Run-time knobs of a DecentralizedOptimizer.
 struct DecentralizedOptions {
-  /// Name of the run: peers with the same prefix average together.
-  HIVE_ARG(std::string, prefix, "");
+  /// Sets the name of the run (peers with the same prefix average together); stored in
+  /// averager().prefix(), its only home.
+  DecentralizedOptions& prefix(const std::string& value) {
+    averager_.prefix(value);
+    return *this;
+  }
+  /// The name of the run (averager().prefix()).
+  [[nodiscard]] const std::string& prefix() const noexcept { return averager_.prefix(); }
+  /// Sets the members a group aims for (averager().target_group_size()).
+  DecentralizedOptions& target_group_size(std::size_t value) {
+    averager_.target_group_size(value);
+    return *this;
+  }
+  /// Members a group aims for (averager().target_group_size()).
+  [[nodiscard]] std::size_t target_group_size() const noexcept { return averager_.target_group_size(); }
+  /// Sets the fewest members a round starts with (averager().min_group_size()).
+  DecentralizedOptions& min_group_size(std::size_t value) {
+    averager_.min_group_size(value);
+    return *this;
+  }
+  /// Fewest members a round starts with (averager().min_group_size()).
+  [[nodiscard]] std::size_t min_group_size() const noexcept { return averager_.min_group_size(); }
   /// Average the parameters.
   HIVE_ARG(bool, average_parameters, true);
   /// Average the gradients too (see DecentralizedOptimizer for how they are applied).
   HIVE_ARG(bool, average_gradients, false);
-  /// Members a group aims for (a round starts as soon as it has this many).
-  HIVE_ARG(std::size_t, target_group_size, 16);
-  /// Fewest members a round starts with when matchmaking time runs out.
-  HIVE_ARG(std::size_t, min_group_size, 2);
   /// A new round starts at most every this many local steps...
   HIVE_ARG(std::size_t, averaging_steps_period, 1);
   /// ...and at most every this many seconds (0: no time limit).
@@ -37,11 +54,11 @@ struct DecentralizedOptions {
   HIVE_ARG(bool, share_state, true);
   /// Log each round ("Starting a new averaging round", "Finished averaging round with N peers").
   HIVE_ARG(bool, verbose, false);
-  /// The averager's other knobs (matchmaking time, timeouts, compression, group bits...);
-  /// prefix and group sizes are taken from the fields above.
+  /// The averager's knobs: prefix, group sizes, matchmaking time, timeouts, compression,
+  /// group bits... (in JSON, `"averager": {"prefix": ...}`: each knob has this one home).
   HIVE_ARG(averaging::AveragerOptions, averager, averaging::AveragerOptions{});
-  HIVE_OPTIONS_JSON(DecentralizedOptions, prefix, average_parameters, average_gradients, target_group_size,
-                    min_group_size, averaging_steps_period, averaging_time_period, share_state, verbose, averager)
+  HIVE_OPTIONS_JSON(DecentralizedOptions, average_parameters, average_gradients, averaging_steps_period,
+                    averaging_time_period, share_state, verbose, averager)
 };
 
 /// Counters of a DecentralizedOptimizer.
@@ -76,8 +93,12 @@ struct DecentralizedStats {
 /// the training thread. The wrapped optimizer and the DHT must outlive this object. (Internally:
 /// nothing waits for the DHT's io thread while holding the state lock, because sharing the
 /// state takes that lock on the io thread.)
-template <net::Transport T = net::Tcp, dht::Routing R = dht::Kademlia<>, averaging::Strategy A = averaging::Butterfly>
+template <class T, class R, class A>
 class DecentralizedOptimizer {
+  static_assert(net::Transport<T>, "T must model net::Transport (see docs/concepts/transport.md)");
+  static_assert(dht::Routing<R>, "R must model dht::Routing (see docs/concepts/routing.md)");
+  static_assert(averaging::Strategy<A>, "A must model averaging::Strategy (see docs/concepts/strategy.md)");
+  static_assert(averaging::StrategyFor<A, T>, "A's Runner<T> must model averaging::StrategyFor<A, T>");
  public:
   /// The averager type.
   using averager_type = averaging::DecentralizedAverager<T, R, A>;
@@ -95,11 +116,7 @@ class DecentralizedOptimizer {
       if (options_.average_parameters()) buffers_.push_back(p.detach().clone());
       if (options_.average_gradients()) buffers_.push_back(at::zeros_like(p.detach()));
     }
-    auto averager_options = options_.averager();
-    averager_options.prefix(options_.prefix())
-        .target_group_size(options_.target_group_size())
-        .min_group_size(options_.min_group_size());
-    averager_ = std::make_unique<averager_type>(dht, buffers_, averager_options);
+    averager_ = std::make_unique<averager_type>(dht, buffers_, options_.averager());
     if (options_.share_state() && !averager_->client_mode())
       averager_->set_state_provider([this] { return current_state(); }, 0);
     worker_ = std::thread([this] { background(); });
@@ -191,6 +208,7 @@ class DecentralizedOptimizer {
     if (!wait_for_round(options_.averager().matchmaking_time() + options_.averager().allreduce_timeout())) {
       averaging::StepResult busy;
       busy.error = "a background round is still running";
+      busy.code = errc::timeout;
       return busy;
     }
     // The state lock is not held while the round runs: a peer downloading this one's state
@@ -325,6 +343,7 @@ class DecentralizedOptimizer {
         r = averager_->step(1.0, nlohmann::json{{"step", step}});
       } catch (const std::exception& e) {
         r.error = e.what();
+        r.code = errc::round_failed;
       }
       log_result(r);
       lock.lock();
