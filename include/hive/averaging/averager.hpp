@@ -2,6 +2,11 @@
 /// @file
 /// DecentralizedAverager: peers meet in small groups through the DHT and average their tensors
 /// with an all-reduce Strategy; a peer may also share its state with newcomers.
+///
+/// Over 400 lines because matchmaking's leader and follower sides and the round are one state
+/// machine on the DHT peer's strand (a peer is both at once, and merges its followers into the
+/// group it joins). The all-reduce is the Strategy's (butterfly.hpp, gloo.hpp), the group
+/// arithmetic is in group.hpp; state sharing is still in this file (a split left for later).
 
 #include <hive/fwd.hpp>
 #include <hive/averaging/butterfly.hpp>

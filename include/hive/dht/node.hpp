@@ -2,6 +2,11 @@
 /// @file
 /// dht::Node: one Kademlia peer — the ping/store/find protocol, iterative lookups with Alpha
 /// requests in flight, replication, caching and routing-table upkeep — over any net::Transport.
+///
+/// Over 400 lines because it is one strand-confined state machine: the handlers, lookups,
+/// replication and upkeep all read and write the same routing table, storage, cache and
+/// blacklist without locks. The wire codec is in protocol.hpp, the table in routing.hpp, the
+/// storage in storage.hpp; the Routing concept sits at the end of this file.
 
 #include <hive/core/clock.hpp>
 #include <hive/core/id.hpp>

@@ -3,6 +3,9 @@
 /// Storage: the records a DHT peer holds (its share of the DHT, or its cache), with absolute
 /// expiration times, dictionary values whose subkeys expire independently, and bounds on what
 /// a remote peer can make it hold.
+///
+/// Over 400 lines because the fair-eviction bookkeeping (bytes charged per source, per record
+/// and per dictionary) must change together with every insert, replace and purge.
 
 #include <hive/core/clock.hpp>
 #include <hive/core/error.hpp>

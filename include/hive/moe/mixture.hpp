@@ -3,6 +3,9 @@
 /// RemoteMixtureOfExperts and RemoteSwitchMixtureOfExperts: layers whose experts live on other
 /// machines, chosen per sample by a gating function and beam search over the DHT, that keep
 /// working when some experts are slow or dead.
+///
+/// Over 400 lines because both layers share the dispatch (one batched call per expert, the
+/// k_min / timeout rule) and its autograd function; beam search itself is in dht/experts.hpp.
 
 #include <hive/dht/experts.hpp>
 #include <hive/moe/remote_expert.hpp>

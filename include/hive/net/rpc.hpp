@@ -2,6 +2,9 @@
 /// @file
 /// Rpc<Transport>: request/response calls by method name over any net::Transport, with many
 /// calls in flight on one persistent connection, per-call timeouts and back-pressure.
+///
+/// Over 400 lines because the connection table, the accept loop with its caps, the call
+/// multiplexer and the error mapping share one strand and one set of limits.
 
 #include <hive/core/log.hpp>
 #include <hive/core/message.hpp>

@@ -2,6 +2,9 @@
 /// @file
 /// net::Simulated: peers in one process on an emulated network with latency, bandwidth,
 /// message loss, partitions and crashes. The same protocol code runs on it unchanged.
+///
+/// Over 400 lines because the network (SimNetwork), its connections and the transport are one
+/// model of delivery: each needs the others' internals to deliver, drop or partition.
 
 #include <hive/core/log.hpp>
 #include <hive/detail/event.hpp>
