@@ -159,43 +159,6 @@ struct GlooPolicies : hive::DefaultPolicies {
 /// Trains `model` on `train` (alone, or as a peer of Trainer type TrainerT) and reports.
 template <class TrainerT>
 int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::Dataset& train,
-        const hive::examples::Dataset& test, std::int64_t per_shard);
-
-}  // namespace
-
-int main(int argc, char** argv) try {
-  const auto flags = parse(argc, argv);
-  torch::manual_seed(flags.seed);
-  at::set_num_threads(flags.threads);
-
-  // Data: this peer's shard.
-  const bool cifar = !flags.data_dir.empty();
-  if (cifar)
-    HIVE_CHECK(hive::examples::is_cifar10_dir(flags.data_dir),
-               "{} does not hold CIFAR-10's binary files (data_batch_1.bin, test_batch.bin)", flags.data_dir);
-  auto train = cifar ? hive::examples::load_cifar10(flags.data_dir, true, flags.train_samples)
-                     : hive::examples::load_fashion_mnist(true, flags.train_samples);
-  auto test = cifar ? hive::examples::load_cifar10(flags.data_dir, false, flags.test_samples)
-                    : hive::examples::load_fashion_mnist(false, flags.test_samples);
-  const auto per_shard = train.images.size(0) / flags.shards;
-  HIVE_CHECK(per_shard >= flags.batch, "a shard of {} samples is smaller than one batch", per_shard);
-  train.images = train.images.narrow(0, flags.shard * per_shard, per_shard);
-  train.labels = train.labels.narrow(0, flags.shard * per_shard, per_shard);
-  fmt::print("{}: training on {} samples (shard {}/{}), testing on {}\n", cifar ? "CIFAR-10" : "Fashion-MNIST", per_shard,
-             flags.shard, flags.shards, test.images.size(0));
-
-  auto model = cifar ? cifar_model() : fashion_model();
-  if (flags.strategy == "gloo") return run<hive::TrainerFor<GlooPolicies>>(flags, model, train, test, per_shard);
-  return run<hive::Trainer<>>(flags, model, train, test, per_shard);
-} catch (const std::exception& e) {
-  fmt::print(stderr, "averaging_peer: {}\n", e.what());
-  return 1;
-}
-
-namespace {
-
-template <class TrainerT>
-int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::Dataset& train,
         const hive::examples::Dataset& test, std::int64_t per_shard) {
   torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(flags.lr).momentum(0.9));
   std::unique_ptr<TrainerT> trainer;
@@ -308,3 +271,32 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
 }
 
 }  // namespace
+
+int main(int argc, char** argv) try {
+  const auto flags = parse(argc, argv);
+  torch::manual_seed(flags.seed);
+  at::set_num_threads(flags.threads);
+
+  // Data: this peer's shard.
+  const bool cifar = !flags.data_dir.empty();
+  if (cifar)
+    HIVE_CHECK(hive::examples::is_cifar10_dir(flags.data_dir),
+               "{} does not hold CIFAR-10's binary files (data_batch_1.bin, test_batch.bin)", flags.data_dir);
+  auto train = cifar ? hive::examples::load_cifar10(flags.data_dir, true, flags.train_samples)
+                     : hive::examples::load_fashion_mnist(true, flags.train_samples);
+  auto test = cifar ? hive::examples::load_cifar10(flags.data_dir, false, flags.test_samples)
+                    : hive::examples::load_fashion_mnist(false, flags.test_samples);
+  const auto per_shard = train.images.size(0) / flags.shards;
+  HIVE_CHECK(per_shard >= flags.batch, "a shard of {} samples is smaller than one batch", per_shard);
+  train.images = train.images.narrow(0, flags.shard * per_shard, per_shard);
+  train.labels = train.labels.narrow(0, flags.shard * per_shard, per_shard);
+  fmt::print("{}: training on {} samples (shard {}/{}), testing on {}\n", cifar ? "CIFAR-10" : "Fashion-MNIST", per_shard,
+             flags.shard, flags.shards, test.images.size(0));
+
+  auto model = cifar ? cifar_model() : fashion_model();
+  if (flags.strategy == "gloo") return run<hive::TrainerFor<GlooPolicies>>(flags, model, train, test, per_shard);
+  return run<hive::Trainer<>>(flags, model, train, test, per_shard);
+} catch (const std::exception& e) {
+  fmt::print(stderr, "averaging_peer: {}\n", e.what());
+  return 1;
+}

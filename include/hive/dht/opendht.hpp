@@ -238,13 +238,12 @@ class OpenDhtNode : public std::enable_shared_from_this<OpenDhtNode<T>> {
   asio::awaitable<std::size_t> bootstrap(std::vector<std::string> initial_peers) {
     HIVE_CHECK(running_, "listen() before bootstrap()");
     struct Pending {
-      std::size_t left = 0, answered = 0;
+      std::size_t answered = 0;
       std::vector<std::string> failures;
       std::vector<std::string> waiting;  // not heard from yet
       hive::detail::Event done;
     };
     auto pending = std::make_shared<Pending>();
-    pending->left = initial_peers.size();
     pending->waiting = initial_peers;
     if (initial_peers.empty()) pending->done.set();
     auto executor = rpc_->get_executor();
@@ -255,7 +254,7 @@ class OpenDhtNode : public std::enable_shared_from_this<OpenDhtNode<T>> {
             pending->waiting.erase(it);
           if (ok) ++pending->answered;
           else pending->failures.push_back(fmt::format("{}: {}", peer, why));
-          if (--pending->left == 0) pending->done.set();
+          if (pending->waiting.empty()) pending->done.set();
         });
       };
       try {
