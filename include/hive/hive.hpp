@@ -40,6 +40,7 @@
 #include <hive/averaging/averager.hpp>
 #include <hive/averaging/butterfly.hpp>
 #include <hive/averaging/group.hpp>
+#include <hive/averaging/state.hpp>
 
 #include <hive/optim/decentralized.hpp>
 

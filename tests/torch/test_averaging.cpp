@@ -400,6 +400,43 @@ double accuracy(torch::nn::Sequential& model, const examples::Dataset& test) {
 
 }  // namespace
 
+TEST_CASE("averaging: a StateSharing of its own shares a state in parts and a peer downloads it, no averager needed") {
+  auto dhts = swarm(2);
+  using Sharing = averaging::StateSharing<net::Tcp, dht::Kademlia<>>;
+  // 16-byte parts: the 40-byte tensor goes alone, the two small ones together.
+  auto giver = std::make_shared<Sharing>(dhts[0]->node(), "solo.state", dhts[0]->visible_addresses().front(),
+                                         averaging::StateSharingOptions().part_bytes(16));
+  auto taker = std::make_shared<Sharing>(dhts[1]->node(), "solo.state", dhts[1]->visible_addresses().front());
+  const auto& rpc = dhts[0]->node()->rpc();
+  rpc->add_handler(std::string(averaging::state_method),
+                   [giver](net::CallContext, Message m) { return giver->serve(std::move(m)); });
+  CHECK(taker->async_download(Seconds(5)).get() == std::nullopt);  // nobody shares yet
+  int calls = 0;
+  giver->set_provider(
+      [&] {
+        ++calls;
+        return averaging::State{{{"step", 7}}, {at::arange(10, at::kFloat), at::ones({2}), at::zeros({1})}};
+      },
+      2.0);
+  std::optional<averaging::State> got;
+  CHECK(test::wait_for([&] { return (got = taker->async_download(Seconds(5)).get()).has_value(); }));
+  REQUIRE(got);
+  CHECK(got->metadata.at("step") == 7);
+  REQUIRE(got->tensors.size() == 3);
+  CHECK(at::equal(got->tensors[0], at::arange(10, at::kFloat)));
+  CHECK(at::equal(got->tensors[1], at::ones({2})));
+  CHECK(at::equal(got->tensors[2], at::zeros({1})));
+  CHECK(calls == 1);  // one snapshot served every part
+  // A peer that shares is not offered its own state.
+  auto self = asio::co_spawn(rpc->get_executor(), giver->sharing_peers(), asio::use_future).get();
+  CHECK(self.empty());
+  hive::detail::run_blocking_on(rpc->get_executor(), [&] {
+    giver->close();
+    rpc->remove_handler(std::string(averaging::state_method));
+  });
+  CHECK(taker->async_download(Seconds(5)).get() == std::nullopt);
+}
+
 TEST_CASE("averaging: load_state_from_peers yields identical parameters, optimizer state and step") {
   auto dhts = swarm(2);
   auto data = examples::load_fashion_mnist(true, 512);

@@ -10,9 +10,11 @@
 
 #include <atomic>
 #include <future>
+#include <thread>
 #include <type_traits>
 
 using namespace hive;
+using namespace std::chrono_literals;
 
 // ----- Scheduler: PriorityBatcher models it; dropping any one member fails the concept -----
 namespace {
@@ -196,11 +198,90 @@ TEST_CASE("policies: options set anywhere are honoured or refused") {
                   InvalidArgument);
 }
 
-TEST_CASE("policies: a server advertises its scheduler's max_batch_size in moe.info") {
+TEST_CASE("policies: a server advertises its scheduler's max_batch_size in moe.info, and clients keep under it") {
   Server<> server(moe::make_backends("ffn", {"expert.0"}, 8),
-                  ServerOptions().dht(DHTOptions().listen_on("127.0.0.1:0")).batching(moe::BatcherOptions().max_batch_size(64)));
-  moe::RemoteExpert expert("expert.0", server.address());
-  CHECK(expert->info().at("max_batch_size") == 64);
+                  ServerOptions().dht(DHTOptions().listen_on("127.0.0.1:0")).batching(moe::BatcherOptions().max_batch_size(16)));
+  auto client = std::make_shared<moe::Client<net::Tcp>>();
+  moe::RemoteExpert expert("expert.0", server.address(), client);
+  CHECK(expert->info().at("max_batch_size") == 16);
+
+  // 40 rows to a server that takes 16: refused once, then sent as 16 + 16 + 8 rows, forward
+  // and backward, with the same outputs as three calls of the client's own making.
+  auto x = at::randn({40, 8}).requires_grad_();
+  auto y = expert(x);
+  REQUIRE(y.sizes() == at::IntArrayRef({40, 8}));
+  {
+    at::NoGradGuard no_grad;
+    auto parts = at::cat({expert(x.narrow(0, 0, 16)), expert(x.narrow(0, 16, 16)), expert(x.narrow(0, 32, 8))}, 0);
+    CHECK(at::allclose(y, parts));
+  }
+  y.sum().backward();
+  REQUIRE(x.grad().defined());
+  CHECK(x.grad().sizes() == at::IntArrayRef({40, 8}));
+  CHECK(at::isfinite(x.grad()).all().item<bool>());
+  const auto stats = server.scheduler().stats();
+  for (const auto& pool : stats) CHECK(pool.max_batch_rows <= 16);
+  CHECK(client->max_batch_size(server.address(), "expert.0", Seconds(5)) == 16);
+
+  // A client that never met the server learns its limit in the background, without waiting.
+  moe::Client<net::Tcp> fresh;
+  CHECK_FALSE(fresh.max_batch_size(server.address(), "expert.0", Seconds(5)).has_value());
+  std::optional<std::int64_t> learned;
+  for (const auto until = SteadyClock::now() + 10s; !learned && SteadyClock::now() < until;) {
+    std::this_thread::yield();
+    learned = fresh.max_batch_size(server.address(), "expert.0", Seconds(5));
+  }
+  CHECK(learned == 16);
+  moe::Client<net::Tcp> other;
+  CHECK(other.max_batch_size(server.address(), "expert.0", Seconds(5), /*wait=*/true) == 16);
+  CHECK_FALSE(other.max_batch_size("127.0.0.1:1", "expert.0", Seconds(2), /*wait=*/true).has_value());
+}
+
+TEST_CASE("policies: servers, expert declarations and expert clients take any completion token") {
+  Server<> server(moe::make_backends("ffn", {"expert.0", "expert.1"}, 8),
+                  ServerOptions().dht(DHTOptions().listen_on("127.0.0.1:0")));
+  DHT dht(DHTOptions().initial_peers({server.dht_address()}).client_mode(true));
+  std::promise<std::vector<bool>> declared;
+  server.async_declare([&](std::exception_ptr e, std::vector<bool> ok) {
+    if (e) declared.set_exception(e);
+    else declared.set_value(std::move(ok));
+  });
+  CHECK(declared.get_future().get() == std::vector<bool>{true, true});
+  std::promise<std::vector<std::optional<std::string>>> found;
+  dht::async_get_experts(dht, {"expert.1", "expert.9"}, [&](std::exception_ptr e, std::vector<std::optional<std::string>> a) {
+    if (e) found.set_exception(e);
+    else found.set_value(std::move(a));
+  });
+  const auto addresses = found.get_future().get();
+  REQUIRE(addresses.size() == 2);
+  CHECK(addresses[0] == server.address());
+  CHECK_FALSE(addresses[1].has_value());
+  CHECK(dht::async_get_experts(dht, {}).get().empty());
+  CHECK_THROWS_AS(dht::async_get_experts(dht, {"not a uid"}), InvalidArgument);
+
+  auto client = std::make_shared<moe::Client<net::Tcp>>();
+  Message request;
+  request.header = {{"uid", "expert.0"}};
+  auto deferred = client->async_call(server.address(), moe::info_method, request, Seconds(5), asio::experimental::deferred);
+  CHECK(std::move(deferred)(asio::use_future).get().header.at("max_batch_size") == server.scheduler().max_batch_size());
+  net::Runtime runtime(1);
+  auto awaited = asio::co_spawn(
+      runtime.executor(),
+      [&]() -> asio::awaitable<std::string> {
+        Message m;
+        m.header = {{"uid", "expert.9"}};
+        const auto address = server.address();
+        try {
+          // A named operation, not a temporary, in the co_await (GCC 12).
+          auto op = client->async_call(address, moe::info_method, std::move(m), Seconds(5), asio::use_awaitable);
+          co_await std::move(op);
+        } catch (const Error& e) {
+          co_return std::string(e.what());
+        }
+        co_return std::string();
+      },
+      asio::use_future);
+  CHECK(awaited.get().find("no expert 'expert.9'") != std::string::npos);
 }
 
 TEST_CASE("policies: the custom strategy of docs/averaging.md averages two peers through the Strategy slot") {

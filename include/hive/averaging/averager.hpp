@@ -6,11 +6,12 @@
 /// Over 400 lines because matchmaking's leader and follower sides and the round are one state
 /// machine on the DHT peer's strand (a peer is both at once, and merges its followers into the
 /// group it joins). The all-reduce is the Strategy's (butterfly.hpp, gloo.hpp), the group
-/// arithmetic is in group.hpp; state sharing is still in this file (a split left for later).
+/// arithmetic is in group.hpp, state sharing in state.hpp.
 
 #include <hive/fwd.hpp>
 #include <hive/averaging/butterfly.hpp>
 #include <hive/averaging/group.hpp>
+#include <hive/averaging/state.hpp>
 #include <hive/core/log.hpp>
 #include <hive/dht/dht.hpp>
 
@@ -36,8 +37,6 @@ inline constexpr std::string_view join_method = "avg.join";
 /// up to 3 s off (hivemind's bound) disagree by up to 6 s. Announcements outlive their
 /// deadlines by this much, and a leader whose deadline seems up to this much past is asked.
 inline constexpr double max_clock_offset = 6.0;
-/// Method that downloads a part of a peer's shared state.
-inline constexpr std::string_view state_method = "avg.state";
 
 /// Run-time knobs of a DecentralizedAverager.
 struct AveragerOptions {
@@ -101,13 +100,6 @@ struct StepResult {
   explicit operator bool() const noexcept { return ok; }
 };
 
-/// A peer's state as shared with newcomers: JSON metadata and tensors.
-struct State {
-  /// Anything small (step counters, names).
-  nlohmann::json metadata;
-  /// The tensors, in an order both sides agree on.
-  std::vector<at::Tensor> tensors;
-};
 
 /// Averages a list of tensors with peers of the same run, found through the DHT.
 ///
@@ -206,14 +198,11 @@ class DecentralizedAverager {
   /// The peer is announced in the DHT under `prefix.all_averagers` with `priority`.
   void set_state_provider(StateProvider provider, double priority = 0) {
     HIVE_CHECK(!core_->client_mode, "a client-mode peer cannot share its state: nobody can connect to it");
-    auto core = core_;
-    core->priority.store(priority);
-    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->provider = std::move(provider); });
-    core->declare_state_now();
+    core_->state->set_provider(std::move(provider), priority);
   }
   /// Changes the priority announced with the shared state (higher is preferred by newcomers);
   /// it reaches the DHT with the next re-announcement (every declare_state_period).
-  void set_state_priority(double priority) noexcept { core_->priority.store(priority); }
+  void set_state_priority(double priority) noexcept { core_->state->set_priority(priority); }
 
   /// Downloads the state of the sharing peer with the highest priority (trying the next one
   /// when a download fails); nullopt when no peer shares a state or every download failed.
@@ -224,9 +213,7 @@ class DecentralizedAverager {
   /// `void(std::exception_ptr, std::optional<State>)`.
   template <class Token = asio::use_future_t<>>
   auto async_load_state_from_peers(Seconds timeout = Seconds(60), Token&& token = {}) {
-    auto core = core_;
-    auto op = [core, timeout]() -> asio::awaitable<std::optional<State>> { co_return co_await core->download_state(timeout); };
-    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), std::forward<Token>(token));
+    return core_->state->async_download(timeout, std::forward<Token>(token));
   }
 
   /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
@@ -263,8 +250,7 @@ class DecentralizedAverager {
           rpc(dht.node()->rpc()),
           tensors(std::move(tensors_in)),
           keys(options.prefix(), options.initial_group_bits()),
-          runner(std::make_shared<Runner>(rpc)),
-          declare_timer(rpc->get_executor()) {
+          runner(std::make_shared<Runner>(rpc)) {
       HIVE_CHECK(options.target_group_size() >= 2, "target_group_size must be at least 2, got {}",
                  options.target_group_size());
       HIVE_CHECK(options.min_group_size() >= 2 && options.min_group_size() <= options.target_group_size(),
@@ -284,6 +270,9 @@ class DecentralizedAverager {
       settings.timeout = options.allreduce_timeout();
       settings.registration_timeout = options.request_timeout();
       settings.limits = rpc->transport().limits();
+      state = std::make_shared<StateSharing<T, R>>(
+          node, keys.state_key(), address,
+          StateSharingOptions().declare_period(options.declare_state_period()).part_bytes(options.state_part_bytes()));
     }
 
     void start() {
@@ -305,7 +294,7 @@ class DecentralizedAverager {
                          return self->runner->serve(std::move(m), self->settings);
                        }));
       rpc->add_handler(std::string(state_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
-                         return self->serve_state(std::move(m));
+                         return self->state->serve(std::move(m));
                        }));
     }
 
@@ -313,7 +302,7 @@ class DecentralizedAverager {
       if (closed) return;
       closed = true;
       for (auto method : {join_method, part_method, state_method}) rpc->remove_handler(std::string(method));
-      declare_timer.cancel();
+      state->close();
       changed.notify_all();
       for (auto& w : waiters) {
         w->reason = "the leader is shutting down";
@@ -321,7 +310,6 @@ class DecentralizedAverager {
       }
       waiters.clear();
       runner->close();
-      snapshots.clear();
     }
 
     // ----- matchmaking: the leader's side -----
@@ -633,134 +621,6 @@ class DecentralizedAverager {
       co_return result;
     }
 
-    // ----- state sharing -----
-
-    void declare_state_now() {
-      auto op = [self = this->shared_from_this()]() -> asio::awaitable<void> { co_await self->declare_state_loop(); };
-      asio::co_spawn(rpc->get_executor(), std::move(op), asio::detached);
-    }
-
-    asio::awaitable<void> declare_state_loop() {
-      if (declaring) co_return;
-      declaring = true;
-      while (!closed && provider) {
-        const double expiration = node->now() + 2 * options.declare_state_period().count();
-        std::vector<dht::StoreItem> items{{Id160::of(keys.state_key()), dht::Subkey(address),
-                                           nlohmann::json::to_msgpack(nlohmann::json{{"priority", priority.load()}}), expiration}};
-        try {
-          auto op = node->store_many(std::move(items));
-          co_await std::move(op);
-        } catch (const std::exception& e) {
-          log::warn("averaging", "announcing the shared state failed: {}", e.what());
-        }
-        declare_timer.expires_after(to_duration(options.declare_state_period()));
-        auto [ec] = co_await declare_timer.async_wait(detail::as_tuple_awaitable);
-        (void)ec;
-      }
-      declaring = false;
-    }
-
-    struct Snapshot {
-      Deadline created;
-      State state;
-    };
-
-    asio::awaitable<Message> serve_state(Message m) {
-      if (!provider) throw Error(errc::invalid_argument, "this peer does not share its state");
-      const auto& h = m.header;
-      if (!h.is_object() || !h.contains("offset") || !h["offset"].is_number_unsigned())
-        throw Error(errc::bad_header, "avg.state needs 'offset' (unsigned)");
-      const auto offset = h["offset"].get<std::size_t>();
-      std::string id = h.value("snapshot", std::string());
-      const auto now = SteadyClock::now();
-      std::erase_if(snapshots, [&](const auto& kv) { return now - kv.second->created > std::chrono::seconds(120); });
-      if (id.empty()) {
-        if (offset != 0) throw Error(errc::bad_header, "avg.state: a download starts at offset 0");
-        // One snapshot serves every download that starts within a second.
-        for (const auto& [sid, s] : snapshots)
-          if (now - s->created < std::chrono::seconds(1)) id = sid;
-        if (id.empty()) {
-          auto s = std::make_shared<Snapshot>();
-          s->created = now;
-          s->state = provider();
-          for (auto& t : s->state.tensors) t = t.detach().clone();
-          id = Id160::random().hex().substr(0, 16);
-          while (snapshots.size() >= 4) snapshots.erase(snapshots.begin());
-          snapshots[id] = std::move(s);
-        }
-      }
-      auto it = snapshots.find(id);
-      if (it == snapshots.end()) throw Error(errc::invalid_argument, "the state snapshot expired; start the download again");
-      const auto& state = it->second->state;
-      if (offset > state.tensors.size())
-        throw Error(errc::invalid_argument, fmt::format("offset {} beyond {} tensors", offset, state.tensors.size()));
-      Message reply;
-      reply.header = {{"snapshot", id}, {"total", state.tensors.size()}, {"offset", offset}};
-      if (offset == 0) reply.header["metadata"] = state.metadata;
-      std::vector<at::Tensor> part;
-      std::int64_t bytes = 0;
-      for (auto i = offset; i < state.tensors.size(); ++i) {
-        const auto n = static_cast<std::int64_t>(state.tensors[i].nbytes());
-        if (!part.empty() && bytes + n > options.state_part_bytes()) break;
-        part.push_back(state.tensors[i]);
-        bytes += n;
-      }
-      add_tensors(reply, part);
-      co_return reply;
-    }
-
-    asio::awaitable<std::optional<State>> download_state(Seconds timeout) {
-      auto op = node->get(Id160::of(keys.state_key()), true);
-      auto record = co_await std::move(op);
-      std::vector<std::pair<double, std::string>> peers;
-      if (record)
-        if (auto decoded = dht_type::decode(*record))
-          for (const auto& [subkey, v] : decoded->dictionary) {
-            const auto* a = std::get_if<std::string>(&subkey);
-            if (!a || *a == address || !v.value.is_object() || !v.value.contains("priority") ||
-                !v.value["priority"].is_number())
-              continue;
-            peers.emplace_back(v.value["priority"].template get<double>(), *a);
-          }
-      std::sort(peers.begin(), peers.end(), std::greater<>());
-      const auto end = deadline_after(timeout);
-      for (const auto& [priority, peer] : peers) {
-        if (closed || SteadyClock::now() >= end) break;
-        try {
-          State state;
-          std::string snapshot;
-          std::size_t total = 0;
-          std::size_t offset = 0;
-          do {
-            Message request;
-            request.header = {{"offset", offset}};
-            if (!snapshot.empty()) request.header["snapshot"] = snapshot;
-            const auto left = std::chrono::duration_cast<Seconds>(end - SteadyClock::now());
-            auto op = rpc->co_call(peer, std::string(state_method), std::move(request), std::max(left, Seconds(0.001)));
-            Message reply = co_await std::move(op);
-            const auto& h = reply.header;
-            if (!h.is_object() || !h.contains("snapshot") || !h.contains("total"))
-              throw Error(errc::bad_header, "avg.state reply lacks 'snapshot' or 'total'");
-            if (offset == 0) {
-              snapshot = h["snapshot"].get<std::string>();
-              total = h["total"].get<std::size_t>();
-              state.metadata = h.value("metadata", nlohmann::json());
-            }
-            auto part = get_tensors(reply, settings.limits);
-            if (part.empty() && offset < total) throw Error(errc::bad_header, "avg.state reply carries no tensor");
-            for (auto& t : part) state.tensors.push_back(std::move(t));
-            offset += part.size();
-            if (offset > total) throw Error(errc::bad_header, "avg.state sent more tensors than announced");
-          } while (offset < total);
-          log::info("averaging", "downloaded the state of {} (priority {}): {} tensors", peer, priority, total);
-          co_return state;
-        } catch (const std::exception& e) {
-          log::warn("averaging", "downloading the state of {} failed: {}", peer, e.what());
-        }
-      }
-      co_return std::nullopt;
-    }
-
     static SteadyClock::duration to_duration(Seconds s) { return std::chrono::duration_cast<SteadyClock::duration>(s); }
 
     AveragerOptions options;
@@ -782,11 +642,7 @@ class DecentralizedAverager {
     nlohmann::json my_gathered;
     std::vector<std::shared_ptr<Waiter>> waiters;
     detail::Notifier changed;
-    StateProvider provider;
-    std::atomic<double> priority{0};
-    bool declaring = false;
-    asio::steady_timer declare_timer;
-    std::map<std::string, std::shared_ptr<Snapshot>> snapshots;
+    std::shared_ptr<StateSharing<T, R>> state;
   };
 
   std::shared_ptr<Core> core_;

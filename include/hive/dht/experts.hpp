@@ -3,7 +3,8 @@
 /// Expert records: where each expert is served, plus the prefix dictionaries that beam search
 /// walks to find the best experts on a grid.
 ///
-/// Just over 400 lines: the record layout and the beam search that reads it change together.
+/// Over 400 lines: the record layout, the operations that write and read it (declare, get) and
+/// the beam search over it change together.
 
 #include <hive/dht/dht.hpp>
 
@@ -172,35 +173,82 @@ inline ExpertDeclaration declare_experts_items(const std::vector<std::string>& u
   return d;
 }
 
-/// Announces that `address` serves `uids` until `expiration`. Returns, per uid, whether all of
-/// its records were accepted by at least one replica.
+/// Announces that `address` serves `uids` until `expiration`. Completes `token` (any Asio
+/// completion token for `void(std::exception_ptr, std::vector<bool>)`; a std::future by
+/// default) with, per uid, whether all of its records were accepted by at least one replica.
+/// Throws hive::InvalidArgument at once for a malformed uid or an empty address.
+template <net::Transport T, Routing R, class Token = asio::use_future_t<>>
+auto async_declare_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, const std::string& address,
+                           double expiration, Token&& token = {}) {
+  auto declaration = std::make_shared<ExpertDeclaration>(declare_experts_items(uids, address, expiration));
+  return asio::co_spawn(
+      dht.executor(),
+      [node = dht.node(), declaration]() -> asio::awaitable<std::vector<bool>> {
+        // Named locals, not temporaries, in the co_await: GCC 12 destroys such a temporary twice.
+        auto op = node->store_many(declaration->items);
+        auto ok = co_await std::move(op);
+        co_return declaration->per_uid(ok);
+      },
+      std::forward<Token>(token));
+}
+
+/// Blocking async_declare_experts().
 template <net::Transport T, Routing R>
 std::vector<bool> declare_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, const std::string& address,
                                   double expiration) {
-  auto declaration = declare_experts_items(uids, address, expiration);
-  auto node = dht.node();
-  auto ok = asio::co_spawn(dht.executor(), node->store_many(declaration.items), asio::use_future).get();
-  return declaration.per_uid(ok);
+  return async_declare_experts(dht, uids, address, expiration, asio::use_future).get();
 }
 
-/// Resolves each uid to the address serving it, or nullopt when no alive record exists.
+/// Resolves each uid to the address serving it, or nullopt when no alive record exists;
+/// completes `token` for `void(std::exception_ptr, std::vector<std::optional<std::string>>)`
+/// (a std::future by default). Throws hive::InvalidArgument at once for a malformed uid.
+template <net::Transport T, Routing R, class Token = asio::use_future_t<>>
+auto async_get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, Token&& token = {}) {
+  for (const auto& uid : uids) parse_uid(uid);
+  using Addresses = std::vector<std::optional<std::string>>;
+  return asio::async_initiate<Token, void(std::exception_ptr, Addresses)>(
+      [&dht, uids](auto handler) {
+        // All lookups at once; the first unexpired record suffices: a server re-declares its
+        // experts long before they expire, so any replica's copy names a live address.
+        using Handler = decltype(handler);
+        struct Gather {
+          std::mutex mutex;
+          Addresses out;
+          std::exception_ptr error;
+          std::size_t left;
+          std::optional<Handler> handler;
+        };
+        auto g = std::make_shared<Gather>();
+        g->out.resize(uids.size());
+        g->left = uids.size();
+        g->handler.emplace(std::move(handler));
+        auto finish = [g, executor = dht.executor()] {
+          auto h = std::move(*g->handler);
+          auto ex = asio::get_associated_executor(h, executor);
+          asio::dispatch(ex, [h = std::move(h), error = g->error, out = std::move(g->out)]() mutable {
+            std::move(h)(error, std::move(out));
+          });
+        };
+        if (uids.empty()) return finish();
+        for (std::size_t i = 0; i < uids.size(); ++i)
+          dht.async_get(uids[i], /*latest=*/false, [g, i, finish](std::exception_ptr error, std::optional<DHTRecord> record) {
+            std::unique_lock lock(g->mutex);
+            if (error && !g->error) g->error = error;
+            if (record && record->value && record->value->value.is_string())
+              g->out[i] = record->value->value.template get<std::string>();
+            if (--g->left == 0) {
+              lock.unlock();
+              finish();
+            }
+          });
+      },
+      token);
+}
+
+/// Blocking async_get_experts().
 template <net::Transport T, Routing R>
 std::vector<std::optional<std::string>> get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids) {
-  for (const auto& uid : uids) parse_uid(uid);
-  std::vector<std::future<std::optional<DHTRecord>>> pending;
-  pending.reserve(uids.size());
-  // The first unexpired record suffices: a server re-declares its experts long before they
-  // expire, so any replica's copy names a live address.
-  for (const auto& uid : uids) pending.push_back(dht.async_get(uid, /*latest=*/false));
-  std::vector<std::optional<std::string>> out;
-  for (auto& f : pending) {
-    auto record = f.get();
-    if (record && record->value && record->value->value.is_string())
-      out.push_back(record->value->value.template get<std::string>());
-    else
-      out.push_back(std::nullopt);
-  }
-  return out;
+  return async_get_experts(dht, uids, asio::use_future).get();
 }
 
 /// An expert found by beam search: its uid, where it is served, its grid coordinates and its

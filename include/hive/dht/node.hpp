@@ -5,8 +5,9 @@
 ///
 /// Over 400 lines because it is one strand-confined state machine: the handlers, lookups,
 /// replication and upkeep all read and write the same routing table, storage, cache and
-/// blacklist without locks. The wire codec is in protocol.hpp, the table in routing.hpp, the
-/// storage in storage.hpp; the Routing concept sits at the end of this file.
+/// blacklist without locks. The wire codec is in protocol.hpp, the iterative lookup in
+/// lookup.hpp, the table in routing.hpp, the storage in storage.hpp; the Routing concept sits
+/// at the end of this file.
 
 #include <hive/core/clock.hpp>
 #include <hive/core/id.hpp>
@@ -14,6 +15,7 @@
 #include <hive/detail/event.hpp>
 #include <hive/fwd.hpp>
 #include <hive/dht/blacklist.hpp>
+#include <hive/dht/lookup.hpp>
 #include <hive/dht/protocol.hpp>
 #include <hive/dht/routing.hpp>
 #include <hive/dht/storage.hpp>
@@ -555,11 +557,6 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return std::move(*ok);
   }
 
-  struct FindReply {
-    std::optional<Record> record;
-    std::vector<NodeInfo> peers;
-  };
-
   asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key) {
     Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
     auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [](const Message& m) {
@@ -580,77 +577,24 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
   // ---- lookups ------------------------------------------------------------------------------
 
-  struct LookupResult {
-    std::optional<Record> record;
-    std::vector<NodeInfo> nearest;  // alive, nearest first, this peer excluded
-    std::vector<NodeInfo> lacking;  // answered without a value, nearest first
-  };
-
-  struct LookupState {
-    Id160 key;
-    std::map<Id160, NodeInfo> candidates;  // distance -> peer
-    std::set<Id160> asked, answered, failed;
-    std::vector<NodeInfo> lacking;
-    std::optional<Record> record;
-    std::size_t in_flight = 0;
-    hive::detail::Notifier progress;
-  };
-
-  // Kademlia's iterative lookup: Alpha requests in flight to the nearest peers not yet asked,
+  // Kademlia's iterative lookup (lookup.hpp) from this peer's table: Alpha requests in flight,
   // until the `converge` (default K) nearest known peers have all answered (or, when `latest`
   // is false and a value was wanted, until one is found).
   asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K) {
-    auto state = std::make_shared<LookupState>();
-    state->key = key;
-    for (const auto& n : table_.nearest(key, K)) state->candidates.emplace(n.id ^ key, n);
-    const double now = this->now();
-    const auto deadline = deadline_after(options_.wait_timeout() * 10);
-    for (;;) {
-      if (closed_) throw Error(errc::shutdown, "dht peer is closed");
-      if (want_value && !latest && state->record && state->record->expiration > now) break;
-      // The K nearest candidates that did not fail; launch requests to the unasked among them.
-      std::size_t considered = 0;
-      bool pending_in_top = false;
-      for (auto& [distance, peer] : state->candidates) {
-        if (considered >= converge) break;
-        if (state->failed.contains(peer.id)) continue;
-        ++considered;
-        if (state->answered.contains(peer.id)) continue;
-        pending_in_top = true;
-        if (state->asked.contains(peer.id) || state->in_flight >= R::alpha) continue;
-        if (blacklist_.is_banned(peer.address)) {
-          state->failed.insert(peer.id);
-          continue;
-        }
-        state->asked.insert(peer.id);
-        ++state->in_flight;
-        asio::co_spawn(executor(), [self = this->shared_from_this(), state, peer = peer]() -> asio::awaitable<void> {
-          auto reply = co_await self->send_find(peer, state->key);
-          --state->in_flight;
-          if (!reply) {
-            state->failed.insert(peer.id);
-          } else {
-            state->answered.insert(peer.id);
-            if (reply->record) detail::merge_record(state->record, *reply->record, self->now());
-            else state->lacking.push_back(peer);
-            for (auto& n : reply->peers)
-              if (n.id != self->id_ && !state->failed.contains(n.id)) state->candidates.emplace(n.id ^ state->key, n);
-          }
-          state->progress.notify_all();
-        }, asio::detached);
-      }
-      if (!pending_in_top && state->in_flight == 0) break;
-      if (SteadyClock::now() >= deadline) break;
-      if (state->in_flight > 0) co_await state->progress.wait(deadline);
-    }
-    LookupResult result;
-    result.record = state->record;
-    for (auto& [distance, peer] : state->candidates)
-      if (state->answered.contains(peer.id)) result.nearest.push_back(peer);
-    result.lacking = state->lacking;
-    std::sort(result.lacking.begin(), result.lacking.end(),
-              [&](const NodeInfo& a, const NodeInfo& b) { return (a.id ^ key) < (b.id ^ key); });
-    co_return result;
+    LookupSettings settings;
+    settings.want_value = want_value;
+    settings.latest = latest;
+    settings.converge = converge;
+    settings.alpha = R::alpha;
+    settings.deadline = deadline_after(options_.wait_timeout() * 10);
+    settings.now = this->now();
+    auto self = this->shared_from_this();
+    auto ask = [self, key](const NodeInfo& peer) { return self->send_find(peer, key); };
+    auto skip = [self](const NodeInfo& peer) { return self->blacklist_.is_banned(peer.address); };
+    auto stopped = [self] { return self->closed_; };
+    // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
+    auto op = iterative_lookup(key, table_.nearest(key, K), id_, settings, std::move(ask), std::move(skip), std::move(stopped));
+    co_return co_await std::move(op);
   }
 
   asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest) {

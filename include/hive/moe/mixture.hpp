@@ -60,8 +60,9 @@ struct MixtureOptions {
   HIVE_ARG(bool, allow_zero_outputs, false);
   /// Treat non-finite outputs and gradients from an expert as a failure of that expert.
   HIVE_ARG(bool, detect_anomalies, false);
-  /// Most rows in one call; an expert chosen by more samples gets several calls. Keep it at
-  /// most the servers' max_batch_size (4096 by default), which refuses bigger requests.
+  /// Most rows in one call; an expert chosen by more samples gets several calls. A server that
+  /// takes fewer (its max_batch_size, read from its moe.info in the background the first time
+  /// the mixture meets it) gets calls of at most that many rows from the next pass on.
   HIVE_ARG(std::int64_t, max_rows_per_call, 4096);
   /// Compression of the tensors sent to experts and of their replies.
   HIVE_ARG(Compression, compression, Compression::none);
@@ -130,7 +131,7 @@ inline std::vector<std::optional<std::vector<at::Tensor>>> call_groups(
   for (std::size_t i = 0; i < which.size(); ++i) {
     const auto& g = d.groups[which[i]];
     const auto expected_rows = static_cast<std::int64_t>(g.rows.size());
-    d.client->call_async(g.address, method, std::move(requests[i]), timeout,
+    d.client->start_call(g.address, method, std::move(requests[i]), timeout,
                          [shared, i, uid = g.uid, expected_rows, check_finite](std::exception_ptr error, Message reply) {
                            std::optional<std::vector<at::Tensor>> result;
                            std::string why;
@@ -325,12 +326,17 @@ class MixtureCore {
     auto index = at::zeros({batch, k, dims}, at::kLong);
     auto index_a = index.accessor<std::int64_t, 3>();
     std::map<std::string, std::size_t> group_of;
+    std::map<std::string, std::int64_t> rows_per_call;  // per server: max_rows_per_call, or less if it takes less
     for (std::int64_t b = 0; b < batch; ++b) {
       const auto& experts = found[static_cast<std::size_t>(b)];
       for (std::size_t j = 0; j < experts.size(); ++j) {
         const auto& e = experts[j];
+        auto [cap, new_server] = rows_per_call.try_emplace(e.address, options_.max_rows_per_call());
+        if (new_server)  // never waits: an unknown server is asked in the background, for the next pass
+          if (auto limit = client_->max_batch_size(e.address, e.uid, options_.forward_timeout()))
+            cap->second = std::min(cap->second, *limit);
         auto [it, added] = group_of.try_emplace(e.uid, d->groups.size());
-        if (!added && static_cast<std::int64_t>(d->groups[it->second].rows.size()) >= options_.max_rows_per_call()) {
+        if (!added && static_cast<std::int64_t>(d->groups[it->second].rows.size()) >= cap->second) {
           it->second = d->groups.size();  // this expert's call is full: start another
           added = true;
         }

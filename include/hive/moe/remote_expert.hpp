@@ -14,9 +14,11 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
+#include <algorithm>
 #include <exception>
 #include <functional>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -38,7 +40,7 @@ struct RemoteExpertOptions {
 };
 
 /// How remote experts reach their servers: a call by address and method. Implemented by
-/// Client<T>; a test may supply its own.
+/// Client<T>; a test may supply its own (which must run every callback before it is destroyed).
 class ExpertClient {
  public:
   /// Receives the reply, or the failure (hive::Error, hive::RemoteError) as an exception.
@@ -47,20 +49,74 @@ class ExpertClient {
   virtual ~ExpertClient() = default;
 
   /// Sends `request` to `method` at `address`; `done` runs once, on one of the client's io
-  /// threads (keep it short), with the reply or the failure.
-  virtual void call_async(const std::string& address, std::string_view method, Message request, Seconds timeout,
+  /// threads (keep it short), with the reply or the failure. What implementations provide;
+  /// callers use async_call or call.
+  virtual void start_call(const std::string& address, std::string_view method, Message request, Seconds timeout,
                           Callback done) = 0;
 
-  /// Sends `request` to `method` at `address`; the future throws hive::Error / RemoteError.
-  std::future<Message> call(const std::string& address, std::string_view method, Message request, Seconds timeout) {
-    auto promise = std::make_shared<std::promise<Message>>();
-    auto future = promise->get_future();
-    call_async(address, method, std::move(request), timeout, [promise](std::exception_ptr error, Message reply) {
-      if (error) promise->set_exception(error);
-      else promise->set_value(std::move(reply));
-    });
-    return future;
+  /// Sends `request` to `method` at `address` and completes `token` (a callback
+  /// `void(std::exception_ptr, Message)`, asio::use_future, asio::use_awaitable, deferred) with
+  /// the reply or the failure (hive::Error, hive::RemoteError).
+  template <class Token>
+  auto async_call(const std::string& address, std::string_view method, Message request, Seconds timeout, Token&& token) {
+    return asio::async_initiate<Token, void(std::exception_ptr, Message)>(
+        [this, address, method = std::string(method), timeout](auto handler, Message request) {
+          // The reply arrives on the client's io thread; the handler runs on its own executor
+          // (a coroutine's, for use_awaitable), or there when it has none.
+          auto shared = std::make_shared<std::decay_t<decltype(handler)>>(std::move(handler));
+          start_call(address, method, std::move(request), timeout, [shared](std::exception_ptr error, Message reply) {
+            auto ex = asio::get_associated_executor(*shared);
+            asio::dispatch(ex, [shared, error, reply = std::move(reply)]() mutable { std::move(*shared)(error, std::move(reply)); });
+          });
+        },
+        token, std::move(request));
   }
+
+  /// Sends `request` to `method` at `address` and waits; throws hive::Error / RemoteError.
+  Message call(const std::string& address, std::string_view method, Message request, Seconds timeout) {
+    return async_call(address, method, std::move(request), timeout, asio::use_future).get();
+  }
+
+  /// The most rows one request to the server at `address` may carry (the `max_batch_size` of
+  /// its moe.info), or nullopt while unknown. With `wait` false this never blocks: the first
+  /// query for an address asks the server in the background (naming expert `uid`) and later
+  /// queries see the answer. With `wait` true an unknown limit is asked for now (nullopt when
+  /// the server does not answer within `timeout`). Known limits are kept for the client's life.
+  std::optional<std::int64_t> max_batch_size(const std::string& address, const std::string& uid, Seconds timeout,
+                                             bool wait = false) {
+    {
+      std::lock_guard lock(limits_mutex_);
+      auto [it, added] = limits_.try_emplace(address);
+      if (it->second || (!added && !wait)) return it->second;  // known, or already being asked
+    }
+    Message m;
+    m.header = {{"uid", uid}};
+    auto learn = [this, address](std::exception_ptr error, const Message& reply) -> std::optional<std::int64_t> {
+      std::optional<std::int64_t> limit;
+      if (!error && reply.header.is_object() && reply.header.contains("max_batch_size") &&
+          reply.header["max_batch_size"].is_number_unsigned() && reply.header["max_batch_size"].get<std::uint64_t>() >= 1)
+        limit = static_cast<std::int64_t>(reply.header["max_batch_size"].get<std::uint64_t>());
+      std::lock_guard lock(limits_mutex_);
+      if (limit) limits_[address] = limit;
+      else limits_.erase(address);  // ask again next time
+      return limit;
+    };
+    if (!wait) {
+      start_call(address, info_method, std::move(m), timeout,
+                 [learn](std::exception_ptr error, Message reply) { learn(error, reply); });
+      return std::nullopt;
+    }
+    auto reply = async_call(address, info_method, std::move(m), timeout, asio::use_future);
+    try {
+      return learn(nullptr, reply.get());
+    } catch (...) {
+      return learn(std::current_exception(), {});
+    }
+  }
+
+ private:
+  std::mutex limits_mutex_;
+  std::map<std::string, std::optional<std::int64_t>> limits_;  // address -> max_batch_size
 };
 
 /// An ExpertClient over transport T with its own io runtime (connections are kept open and
@@ -86,7 +142,7 @@ class Client final : public ExpertClient {
   }
 
   /// Sends `request` to `method` at `address`; `done` runs on this client's io thread.
-  void call_async(const std::string& address, std::string_view method, Message request, Seconds timeout,
+  void start_call(const std::string& address, std::string_view method, Message request, Seconds timeout,
                   Callback done) override {
     rpc_->async_call(address, std::string(method), std::move(request), timeout,
                      [done = std::move(done)](std::exception_ptr error, Message reply) { done(error, std::move(reply)); });
@@ -99,9 +155,12 @@ class Client final : public ExpertClient {
   std::shared_ptr<net::Rpc<T>> rpc_;
 };
 
-/// The process-wide TCP client that remote experts use unless given another.
-inline std::shared_ptr<ExpertClient> default_client() {
-  static const std::shared_ptr<ExpertClient> client = std::make_shared<Client<net::Tcp>>();
+/// The process-wide client of transport T that remote experts use unless given another (its
+/// transport's default options: a transport that cannot make a peer from them, such as
+/// net::Simulated, which needs its network, throws hive::InvalidArgument; pass a Client<T>).
+template <class T = net::Tcp>
+std::shared_ptr<ExpertClient> default_client() {
+  static const std::shared_ptr<ExpertClient> client = std::make_shared<Client<T>>();
   return client;
 }
 
@@ -131,9 +190,43 @@ struct ExpertCall : torch::CustomClassHolder {
     return expert_request(uid, tensors, options.compression());
   }
 
+  // One call, or, when the server refuses that many rows, one call per max_batch_size rows (in
+  // parallel), their outputs joined along the batch dimension. A split backward is one update
+  // per part on the server.
   std::vector<at::Tensor> call(std::string_view method, const std::vector<at::Tensor>& tensors, Seconds timeout) {
-    auto reply = client->call(address, method, request(tensors), timeout).get();
-    return get_tensors(reply);
+    const auto rows = tensors.empty() || tensors.front().dim() == 0 ? 0 : tensors.front().size(0);
+    auto limit = client->max_batch_size(address, uid, timeout);
+    if (!limit || rows <= *limit) {
+      try {
+        return get_tensors(client->call(address, method, request(tensors), timeout));
+      } catch (const Error& e) {
+        if (e.code() != errc::limit_exceeded) throw;
+        limit = client->max_batch_size(address, uid, timeout, /*wait=*/true);
+        if (!limit || rows <= *limit) throw;
+      }
+    }
+    std::vector<std::future<Message>> parts;
+    for (std::int64_t offset = 0; offset < rows; offset += *limit) {
+      std::vector<at::Tensor> slice;
+      slice.reserve(tensors.size());
+      for (const auto& t : tensors) slice.push_back(t.narrow(0, offset, std::min(*limit, rows - offset)));
+      parts.push_back(client->async_call(address, method, request(slice), timeout, asio::use_future));
+    }
+    std::vector<std::vector<at::Tensor>> outputs;
+    outputs.reserve(parts.size());
+    for (auto& p : parts) outputs.push_back(get_tensors(p.get()));
+    std::vector<at::Tensor> joined;
+    for (std::size_t i = 0; i < outputs.front().size(); ++i) {
+      std::vector<at::Tensor> pieces;
+      for (const auto& o : outputs) {
+        if (o.size() != outputs.front().size())
+          throw Error(errc::bad_tensor, fmt::format("expert {} returned {} and {} tensors for two parts of a batch", uid,
+                                                    outputs.front().size(), o.size()));
+        pieces.push_back(o[i]);
+      }
+      joined.push_back(at::cat(pieces, 0));
+    }
+    return joined;
   }
 
   std::vector<at::Tensor> forward(const std::vector<at::Tensor>& inputs) {
@@ -154,7 +247,7 @@ struct ExpertCall : torch::CustomClassHolder {
     if (!info) {
       Message m;
       m.header = {{"uid", uid}};
-      info = client->call(address, info_method, std::move(m), options.forward_timeout()).get().header;
+      info = client->call(address, info_method, std::move(m), options.forward_timeout()).header;
     }
     return *info;
   }
@@ -260,15 +353,12 @@ class RemoteExpertImpl : public torch::nn::Cloneable<RemoteExpertImpl> {
 TORCH_MODULE(RemoteExpert);
 
 /// Looks `uids` up in the DHT and returns a RemoteExpert for each, or an empty one (testing
-/// false) for a uid that no server announces. Over a transport other than net::Tcp, pass a
-/// Client<T> on the same network.
+/// false) for a uid that no server announces, reached through `client` (default_client<T>() when
+/// null; over net::Simulated pass a Client<T> on the same network).
 template <net::Transport T, dht::Routing R>
 std::vector<RemoteExpert> get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids,
                                       std::shared_ptr<ExpertClient> client = nullptr, const RemoteExpertOptions& options = {}) {
-  if (!client) {
-    HIVE_CHECK((std::is_same_v<T, net::Tcp>), "get_experts over a non-TCP DHT needs a moe::Client on the same network");
-    client = default_client();
-  }
+  if (!client) client = default_client<T>();
   auto addresses = dht::get_experts(dht, uids);
   std::vector<RemoteExpert> out;
   out.reserve(uids.size());

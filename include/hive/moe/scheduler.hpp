@@ -38,7 +38,7 @@ using TaskCallback = std::function<void(std::exception_ptr, std::vector<at::Tens
 struct PoolStats {
   /// The pool's name ("expert.3/forward").
   std::string name;
-  /// Batches run.
+  /// Batches run (counted when a batch starts, before its tasks get their results).
   std::uint64_t batches = 0;
   /// Rows processed (the sum of batch sizes).
   std::uint64_t rows = 0;
@@ -259,14 +259,15 @@ class PriorityBatcher {
       pool->stats.queued_tasks -= batch.size();
       pool->stats.queued_rows -= static_cast<std::uint64_t>(rows);
       queued_tasks_ -= batch.size();
+      // Counted before the tasks' callbacks run, so a caller that saw its result also sees its batch.
+      pool->stats.batches++;
+      pool->stats.rows += static_cast<std::uint64_t>(rows);
+      pool->stats.max_batch_rows = std::max<std::uint64_t>(pool->stats.max_batch_rows, static_cast<std::uint64_t>(rows));
       pool->busy = true;
       lock.unlock();
       run_batch(*pool, batch, rows);
       lock.lock();
       pool->busy = false;
-      pool->stats.batches++;
-      pool->stats.rows += static_cast<std::uint64_t>(rows);
-      pool->stats.max_batch_rows = std::max<std::uint64_t>(pool->stats.max_batch_rows, static_cast<std::uint64_t>(rows));
       if (!pool->queue.empty()) wake_.notify_one();
     }
   }

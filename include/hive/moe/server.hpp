@@ -180,10 +180,16 @@ class Server {
   /// The options.
   [[nodiscard]] const ServerOptions& options() const noexcept { return options_; }
 
-  /// Announces every expert now; returns per uid whether a DHT replica accepted it.
-  std::vector<bool> declare() {
-    return dht::declare_experts(*dht_, uids_, address(), dht_->node()->now() + expiration().count());
+  /// Announces every expert now (the server also does so every update_period); completes
+  /// `token` (for `void(std::exception_ptr, std::vector<bool>)`, a std::future by default) with,
+  /// per uid, whether a DHT replica accepted it.
+  template <class Token = asio::use_future_t<>>
+  auto async_declare(Token&& token = {}) {
+    return dht::async_declare_experts(*dht_, uids_, address(), dht_->node()->now() + expiration().count(),
+                                      std::forward<Token>(token));
   }
+  /// Blocking async_declare().
+  std::vector<bool> declare() { return async_declare(asio::use_future).get(); }
 
   /// Writes a checkpoint of every expert under checkpoint_dir (a no-op when it is empty).
   void save_checkpoints() {
