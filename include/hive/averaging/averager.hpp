@@ -100,7 +100,6 @@ struct StepResult {
   explicit operator bool() const noexcept { return ok; }
 };
 
-
 /// Averages a list of tensors with peers of the same run, found through the DHT.
 ///
 /// step() looks for a group (matchmaking) and averages with it:
@@ -145,7 +144,7 @@ class DecentralizedAverager {
   /// The DHT peer type it runs on.
   using dht_type = BasicDHT<T, R>;
   /// A function returning the state to share (called on the DHT's io thread).
-  using StateProvider = std::function<State()>;
+  using StateProvider = typename StateSharing<T, R>::Provider;
 
   /// An averager of `tensors` (shared, written in place) on `dht`, which must outlive it.
   /// Throws hive::InvalidArgument for bad options.
