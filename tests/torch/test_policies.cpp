@@ -1,6 +1,8 @@
 // The policy slots: each concept refuses a type that lacks one member (checked at compile
 // time), the policy bundle changes one slot in one line, and options have one home each.
 // The Gloo strategy's rounds are tested beside Butterfly's, in test_averaging.cpp.
+#include "../common/wait.hpp"
+
 #include <hive/averaging/gloo.hpp>
 #include <hive/hive.hpp>
 
@@ -10,7 +12,6 @@
 
 #include <atomic>
 #include <future>
-#include <thread>
 #include <type_traits>
 
 using namespace hive;
@@ -227,10 +228,7 @@ TEST_CASE("policies: a server advertises its scheduler's max_batch_size in moe.i
   moe::Client<net::Tcp> fresh;
   CHECK_FALSE(fresh.max_batch_size(server.address(), "expert.0", Seconds(5)).has_value());
   std::optional<std::int64_t> learned;
-  for (const auto until = SteadyClock::now() + 10s; !learned && SteadyClock::now() < until;) {
-    std::this_thread::yield();
-    learned = fresh.max_batch_size(server.address(), "expert.0", Seconds(5));
-  }
+  CHECK(test::wait_for([&] { return (learned = fresh.max_batch_size(server.address(), "expert.0", Seconds(5))).has_value(); }));
   CHECK(learned == 16);
   moe::Client<net::Tcp> other;
   CHECK(other.max_batch_size(server.address(), "expert.0", Seconds(5), /*wait=*/true) == 16);
