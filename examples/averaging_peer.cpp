@@ -11,9 +11,11 @@
 #include "common/cifar10.hpp"
 #include "common/cli.hpp"
 #include "common/fashion_mnist.hpp"
+#include "common/models.hpp"
 
 #include <hive/averaging/gloo.hpp>
 #include <hive/hive.hpp>
+#include <hive/serve/server.hpp>
 
 #include <unistd.h>
 
@@ -56,6 +58,11 @@ background. Prints the --initial_peers line that other peers join with.
                          finished training, so that the last round gathers them all (default 0)
   --alone                no swarm at all: train alone (the baseline)
   --threads N            torch compute threads (default 1: several peers share this machine)
+  --serve                also answer predictions (serve.predict on this peer's port, declared
+                         under PREFIX.serve for hive-infer clients and replicas)
+  --serve_mode M         snapshot (a consistent copy, the default) or live (the training weights)
+  --publish_every N      with --serve: publish a snapshot every N steps (default 10)
+  --linger S             with --serve: keep serving S seconds after training (default 0)
   --quiet                no per-round log lines
 )";
 
@@ -63,7 +70,10 @@ struct Flags {
   std::vector<std::string> initial_peers;
   std::string listen_on = "127.0.0.1:0", announce_host, data_dir, prefix = "averaging_peer";
   std::string compression = "float16", strategy = "butterfly";
-  bool client_mode = false, load_state = true, final_average = true, alone = false, quiet = false;
+  std::string serve_mode = "snapshot";
+  bool client_mode = false, load_state = true, final_average = true, alone = false, quiet = false, serve = false;
+  std::uint64_t publish_every = 10;
+  double linger = 0;
   std::size_t wait_for_peers = 0;
   std::int64_t shard = 0, shards = 1, train_samples = 12000, test_samples = 2000, batch = 32;
   int epochs = 2, threads = 1;
@@ -113,42 +123,21 @@ Flags parse(int argc, char** argv) {
     else if (flag == "--alone") f.alone = true;
     else if (flag == "--quiet") f.quiet = true;
     else if (flag == "--threads") f.threads = std::stoi(value());
+    else if (flag == "--serve") f.serve = true;
+    else if (flag == "--serve_mode") f.serve_mode = value();
+    else if (flag == "--publish_every") f.publish_every = std::stoull(value());
+    else if (flag == "--linger") f.linger = std::stod(value());
     else throw hive::InvalidArgument(fmt::format("unknown flag '{}' (see --help)", flag));
   }
   HIVE_CHECK(f.shards >= 1 && f.shard >= 0 && f.shard < f.shards, "--shard K/N needs 0 <= K < N");
   HIVE_CHECK(f.epochs >= 1 && f.batch >= 1 && f.lr > 0 && f.threads >= 1,
              "--epochs, --batch, --lr and --threads must be positive");
+  (void)hive::serve::parse_mode(f.serve_mode);
+  HIVE_CHECK(!f.serve || (!f.alone && !f.client_mode), "--serve needs a swarm peer that accepts connections (not --alone or --client_mode)");
+  HIVE_CHECK(f.publish_every >= 1 && f.linger >= 0, "--publish_every must be positive and --linger not negative");
   (void)hive::parse_compression(f.compression);  // a clear error now rather than after loading the data
   HIVE_CHECK(f.strategy == "butterfly" || f.strategy == "gloo", "--strategy must be butterfly or gloo, got '{}'", f.strategy);
   return f;
-}
-
-/// A small convolutional network for CIFAR-10 images [n, 3, 32, 32].
-torch::nn::Sequential cifar_model() {
-  namespace nn = torch::nn;
-  return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(3, 16, 5)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Conv2d(nn::Conv2dOptions(16, 32, 5)), nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(),
-                        nn::Linear(32 * 5 * 5, 128), nn::ReLU(), nn::Linear(128, 10));
-}
-
-/// The same kind of network for Fashion-MNIST images [n, 784] (28x28, one channel).
-torch::nn::Sequential fashion_model() {
-  namespace nn = torch::nn;
-  return nn::Sequential(nn::Unflatten(nn::UnflattenOptions(1, {1, 28, 28})), nn::Conv2d(nn::Conv2dOptions(1, 16, 5)),
-                        nn::ReLU(), nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(16, 32, 5)), nn::ReLU(),
-                        nn::MaxPool2d(2), nn::Flatten(), nn::Linear(32 * 4 * 4, 128), nn::ReLU(), nn::Linear(128, 10));
-}
-
-double accuracy(torch::nn::Sequential& model, const hive::examples::Dataset& test) {
-  torch::NoGradGuard no_grad;
-  model->eval();
-  std::int64_t correct = 0;
-  for (std::int64_t at = 0; at < test.images.size(0); at += 1000) {
-    const auto n = std::min<std::int64_t>(1000, test.images.size(0) - at);
-    correct += model->forward(test.images.narrow(0, at, n)).argmax(1).eq(test.labels.narrow(0, at, n)).sum().item<std::int64_t>();
-  }
-  model->train();
-  return 100.0 * static_cast<double>(correct) / static_cast<double>(test.images.size(0));
 }
 
 /// The policy bundle of --strategy gloo: the default one with Gloo as the all-reduce.
@@ -190,6 +179,25 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
     }
     std::fflush(stdout);
   }
+  // --serve: predictions from snapshots published every --publish_every steps, computed on a
+  // serving thread of their own while this one trains.
+  std::unique_ptr<hive::serve::Publisher<torch::nn::Sequential>> publisher;
+  // Both trainer types run on TCP and Kademlia, the endpoint's default policies.
+  std::unique_ptr<hive::serve::InferenceServer<torch::nn::Sequential>> endpoint;
+  if (flags.serve) {
+    publisher = std::make_unique<hive::serve::Publisher<torch::nn::Sequential>>(
+        model, hive::serve::PublisherOptions()
+                   .mode(hive::serve::parse_mode(flags.serve_mode))
+                   .every_steps(flags.publish_every)
+                   .every_seconds(hive::Seconds(0)));
+    publisher->set_step(trainer->optimizer().local_step());
+    publisher->publish();
+    endpoint = std::make_unique<hive::serve::InferenceServer<torch::nn::Sequential>>(
+        *publisher, trainer->dht(), hive::examples::image_schema(!flags.data_dir.empty()),
+        hive::serve::InferenceOptions().prefix(flags.prefix));
+    fmt::print("Serving predictions ({}) at {}\n", flags.serve_mode, endpoint->address());
+    std::fflush(stdout);
+  }
 
   const auto steps_per_epoch = per_shard / flags.batch;
   const bool tty = isatty(STDOUT_FILENO);
@@ -202,7 +210,8 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
       auto loss = torch::nn::functional::cross_entropy(model->forward(train.images.index_select(0, idx)),
                                                        train.labels.index_select(0, idx));
       loss.backward();
-      if (trainer) trainer->step();
+      if (publisher) publisher->step([&] { trainer->step(); });
+      else if (trainer) trainer->step();
       else sgd.step();
       loss_avg = s == 0 ? loss.item<double>() : 0.95 * loss_avg + 0.05 * loss.item<double>();
       // A progress bar on a terminal; a line every 10% otherwise (logs, the demo).
@@ -246,7 +255,10 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
       }
       fmt::print("{} of {} peers have finished training\n", finished, flags.wait_for_peers);
     }
+    // With --serve, the last round's write of the parameters is an update like a step.
+    if (publisher) publisher->begin_update();
     auto r = trainer->optimizer().average_now();
+    if (publisher) publisher->end_update(false);
     if (!r.ok) fmt::print("The last averaging round found no group ({}); keeping the local parameters\n", r.error);
     else fmt::print("The last averaging round had {} peers\n", r.group_size);
     const auto st = trainer->optimizer().stats();
@@ -262,10 +274,22 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
     }
     fmt::print("parameters: sum {:.6f} norm {:.6f}\n", sum, std::sqrt(sq));
   }
-  const double acc = accuracy(model, test);
+  const double acc = hive::examples::accuracy(model, test);
   const auto samples = static_cast<std::int64_t>(flags.epochs) * steps_per_epoch * flags.batch;
   fmt::print("test accuracy: {:.2f}% after {} samples seen by this peer{}\n", acc, samples, flags.alone ? " (alone)" : "");
   std::fflush(stdout);
+  if (endpoint) {
+    publisher->publish();  // the final (averaged) weights
+    if (flags.linger > 0) {
+      fmt::print("Serving for {} more seconds\n", flags.linger);
+      std::fflush(stdout);
+      std::this_thread::sleep_for(std::chrono::duration<double>(flags.linger));
+    }
+    const auto st = endpoint->stats();
+    fmt::print("serving: {} requests answered ({} rows), {} refused or failed\n", st.answered, st.rows, st.failed);
+    std::fflush(stdout);
+    endpoint->shutdown();
+  }
   if (trainer) trainer->shutdown();
   return 0;
 }
@@ -293,7 +317,7 @@ int main(int argc, char** argv) try {
   fmt::print("{}: training on {} samples (shard {}/{}), testing on {}\n", cifar ? "CIFAR-10" : "Fashion-MNIST", per_shard,
              flags.shard, flags.shards, test.images.size(0));
 
-  auto model = cifar ? cifar_model() : fashion_model();
+  auto model = cifar ? hive::examples::cifar_model() : hive::examples::fashion_model();
   if (flags.strategy == "gloo") return run<hive::TrainerFor<GlooPolicies>>(flags, model, train, test, per_shard);
   return run<hive::Trainer<>>(flags, model, train, test, per_shard);
 } catch (const std::exception& e) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages hive builds and runs with. Idempotent: prints nothing and
-# touches nothing when they are all present, so every other script can call it first.
+# Installs the Debian packages hive builds and runs with, and any packages named as arguments
+# (`setup.sh gnuplot-nox` for the scripts that plot). Idempotent: prints nothing and touches
+# nothing when they are all present, so every other script can call it first.
 set -euo pipefail
 
 packages=(
@@ -19,6 +20,8 @@ packages=(
   ccache
   iproute2              # the multi-host tests build their hosts from network namespaces (ip netns)
 )
+
+packages+=("$@")
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -63,6 +63,17 @@ class DecentralizedOptimizer;
 template <class T = net::Tcp, class R = dht::Kademlia<>, class S = moe::PriorityBatcher<>, class B = moe::ModuleBackend<>>
 class Server;
 
+namespace serve {
+template <class M>
+class Publisher;
+template <class M, class T = net::Tcp, class R = dht::Kademlia<>, class S = moe::PriorityBatcher<>>
+class InferenceServer;
+template <class M, class T = net::Tcp, class R = dht::Kademlia<>, class S = moe::PriorityBatcher<>>
+class Replica;
+template <class T = net::Tcp, class R = dht::Kademlia<>>
+class InferenceClient;
+}  // namespace serve
+
 template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
 class Trainer;
 
@@ -97,5 +108,14 @@ using TrainerFor = Trainer<typename P::transport, typename P::routing, typename 
 /// The averager of policy bundle P.
 template <class P = DefaultPolicies>
 using AveragerFor = averaging::DecentralizedAverager<typename P::transport, typename P::routing, typename P::strategy>;
+/// The inference server of policy bundle P, serving a model of module type M.
+template <class M, class P = DefaultPolicies>
+using InferenceServerFor = serve::InferenceServer<M, typename P::transport, typename P::routing, typename P::scheduler>;
+/// The inference replica of policy bundle P.
+template <class M, class P = DefaultPolicies>
+using ReplicaFor = serve::Replica<M, typename P::transport, typename P::routing, typename P::scheduler>;
+/// The inference client of policy bundle P.
+template <class P = DefaultPolicies>
+using InferenceClientFor = serve::InferenceClient<typename P::transport, typename P::routing>;
 
 }  // namespace hive

@@ -43,5 +43,9 @@
 #include <hive/averaging/state.hpp>
 
 #include <hive/optim/decentralized.hpp>
+#include <hive/serve/client.hpp>
+#include <hive/serve/replica.hpp>
+#include <hive/serve/server.hpp>
+#include <hive/serve/snapshot.hpp>
 
 #include <hive/trainer.hpp>

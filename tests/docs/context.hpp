@@ -6,6 +6,8 @@
 
 #include <hive/averaging/gloo.hpp>
 #include <hive/hive.hpp>
+#include <hive/serve/client.hpp>
+#include <hive/serve/replica.hpp>
 
 #include <torch/torch.h>
 
@@ -79,6 +81,14 @@ extern std::latch done_training;
 /// docs/net.md's two RPC peers and the server's address.
 extern std::shared_ptr<hive::net::Rpc<hive::net::Tcp>> server, client;
 extern std::string address;
+
+/// docs/serve.md and README.md: the Fashion-MNIST classifier that trains ([n, 784] → [n, 10]),
+/// the function that builds its architecture (examples/common/models.hpp), the training peer
+/// and the publisher of its snapshots.
+extern torch::nn::Sequential classifier;
+torch::nn::Sequential fashion_model();
+extern hive::Trainer<> trainer;
+extern hive::serve::Publisher<torch::nn::Sequential> publisher;
 }  // namespace hive_docs
 
 /// Put in each snippet's namespace after `using namespace hive_docs`: OpenDHT declares a global

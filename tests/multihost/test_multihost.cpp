@@ -11,6 +11,7 @@
 
 #include <sys/wait.h>
 
+#include <functional>
 #include <iostream>
 #include <regex>
 #include <sstream>
@@ -253,4 +254,76 @@ TEST_CASE("multihost rpc: a peer that dies mid-call on another host costs the ca
   REQUIRE(status);
   CHECK(out.find("error after") != std::string::npos);
   CHECK(out.find("timed out") != std::string::npos);
+}
+
+namespace {
+
+/// The JSON summary a `hive-infer --client` run printed last.
+nlohmann::json client_summary(const std::string& out) {
+  nlohmann::json summary;
+  for (const auto& line : lines_of(out))
+    if (!line.empty() && line.front() == '{') summary = nlohmann::json::parse(line, nullptr, false);
+  return summary;
+}
+
+}  // namespace
+
+TEST_CASE("multihost serve: a training peer serves while it trains, a replica on another host follows it, clients "
+          "vote across both and fail over when the replica dies") {
+  if (skip_without_namespaces()) return;
+  test::HostNetwork net(2);
+  // Host 0 trains (alone: this is about serving, not averaging) and serves its snapshots.
+  auto trainer = net.start(0, {HIVE_AVERAGING_PEER, "--listen_on", "0.0.0.0:4000", "--train_samples", "4000",
+                               "--test_samples", "200", "--epochs", "3", "--serve", "--publish_every", "10",
+                               "--linger", "120", "--no_final_average", "--quiet", "--prefix", "served"});
+  auto serving = trainer->read_until("Serving predictions", 60s);
+  REQUIRE(serving);
+  CHECK(serving->find(net.ip(0) + ":4000") != std::string::npos);
+  // Host 1 runs a replica of the swarm on a wildcard address.
+  auto replica = net.start(1, {HIVE_INFER, "--initial_peers", net.ip(0) + ":4000", "--prefix", "served", "--listen_on",
+                               "0.0.0.0:5000", "--every_seconds", "2", "--every_steps", "20"});
+  auto started = replica->read_until("Replica of 'served'", 60s);
+  REQUIRE(started);
+  CHECK(started->find(net.ip(1) + ":5000") != std::string::npos);
+
+  auto run_client = [&](std::vector<std::string> args, std::function<void(test::ChildProcess&)> meanwhile = {}) {
+    std::vector<std::string> argv{HIVE_INFER, "--client", "--initial_peers", net.ip(0) + ":4000", "--prefix", "served",
+                                  "--test_samples", "500"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto client = net.start(1, argv);
+    if (meanwhile) meanwhile(*client);
+    std::string out;
+    const auto status = client->wait_exit(120s, &out);
+    INFO(out);
+    REQUIRE(status);
+    CHECK(WEXITSTATUS(*status) == 0);
+    return std::pair{client_summary(out), out};
+  };
+  // Every endpoint answers each batch, the vote is right most of the time (10% is chance).
+  const auto all_run = run_client({"--mode", "all", "--requests", "30", "--concurrency", "2"});
+  const auto& all = all_run.first;
+  const auto& all_out = all_run.second;
+  INFO(all_out);
+  CHECK(all_out.find("2 endpoints") != std::string::npos);
+  CHECK(all["failed"] == 0);
+  CHECK(all["answered_by"].size() == 2);
+  CHECK(all["answered_by"].dump().find(net.ip(0) + ":4000") != std::string::npos);
+  CHECK(all["answered_by"].dump().find(net.ip(1) + ":5000") != std::string::npos);
+  CHECK(all["accuracy"].get<double>() > 30);
+  // The replica serves a downloaded state, not its own initialization.
+  const auto rep_run = run_client({"--mode", "one", "--role", "replica", "--requests", "10"});
+  const auto& rep = rep_run.first;
+  INFO(rep_run.second);
+  CHECK(rep["failed"] == 0);
+  CHECK(rep["min_step"].get<std::uint64_t>() > 0);
+  // The replica dies while a client streams: requests in flight to it fail over to the trainer.
+  const auto one_run = run_client({"--mode", "one", "--requests", "400", "--concurrency", "4"}, [&](test::ChildProcess& c) {
+    REQUIRE(c.read_until("2 endpoints", 60s));
+    replica->signal(SIGKILL);
+  });
+  const auto& one = one_run.first;
+  INFO(one_run.second);
+  CHECK(one["failed"] == 0);
+  CHECK(one["answered"] == 400);
+  CHECK(one["failovers"].get<int>() >= 1);
 }

@@ -156,6 +156,8 @@ class BasicDHT {
   [[nodiscard]] const std::shared_ptr<node_type>& node() const noexcept { return node_; }
   /// The runtime's executor.
   [[nodiscard]] asio::any_io_executor executor() noexcept { return runtime_.executor(); }
+  /// The options this peer was started with.
+  [[nodiscard]] const DHTOptions& options() const noexcept { return options_; }
 
   /// Stores `value` (any JSON, sent as MessagePack) under `key` until `expiration`, as a
   /// regular value or, with `subkey`, as a dictionary entry. Completes with true when a
