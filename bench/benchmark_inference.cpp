@@ -279,6 +279,8 @@ nlohmann::json run_model(const Flags& flags, const std::string& name) {
 
 int main(int argc, char** argv) try {
   const auto flags = parse(argc, argv);
+  // One thread per matrix product: training and each serving thread get a core each.
+  hive::examples::limit_blas_threads(1);
   const double busy0 = hive::bench::machine_busy_seconds(), cpu0 = hive::bench::cpu_seconds();
   nlohmann::json models = nlohmann::json::array();
   for (const auto& m : flags.models) models.push_back(run_model(flags, m));

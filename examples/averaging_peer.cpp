@@ -185,6 +185,8 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
   // Both trainer types run on TCP and Kademlia, the endpoint's default policies.
   std::unique_ptr<hive::serve::InferenceServer<torch::nn::Sequential>> endpoint;
   if (flags.serve) {
+    // Training and serving share this machine: one OpenBLAS thread per matrix product each.
+    hive::examples::limit_blas_threads(flags.threads);
     publisher = std::make_unique<hive::serve::Publisher<torch::nn::Sequential>>(
         model, hive::serve::PublisherOptions()
                    .mode(hive::serve::parse_mode(flags.serve_mode))

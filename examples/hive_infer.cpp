@@ -246,6 +246,7 @@ int run_client(const Flags& flags) {
 int main(int argc, char** argv) try {
   const auto flags = parse(argc, argv);
   at::set_num_threads(1);
+  hive::examples::limit_blas_threads(1);  // one OpenBLAS thread per serving thread
   return flags.client ? run_client(flags) : run_replica(flags);
 } catch (const std::exception& e) {
   fmt::print(stderr, "hive-infer: {}\n", e.what());

@@ -107,6 +107,7 @@ struct Bucket {
   std::vector<double> latencies_ms;
   double step_sum = 0;
   double train_samples_per_s = 0;
+  bool train_measured = false;  // a bucket only the clients saw (a phase's last sliver) has no rate
 };
 
 /// The summary of one phase.
@@ -132,8 +133,8 @@ void plot(const std::filesystem::path& csv, const std::filesystem::path& png, co
     std::string out = "plot ";
     for (std::size_t i = 0; i < phases.size(); ++i) {
       if (!with_baseline && phases[i] == "no_serving") continue;
-      out += fmt::format("{}'{}' using 1:(strcol(2) eq '{}' ? ${} : 1/0) with linespoints title '{}'",
-                         out == "plot " ? "" : ", ", csv.string(), phases[i], column, phases[i]);
+      out += fmt::format("{}'{}' using 1:(strcol(2) eq '{}' ? ${} : 1/0) with linespoints linecolor {} title '{}'",
+                         out == "plot " ? "" : ", ", csv.string(), phases[i], column, i + 1, phases[i]);
     }
     return out + "\n";
   };
@@ -148,6 +149,8 @@ void plot(const std::filesystem::path& csv, const std::filesystem::path& png, co
 
 int main(int argc, char** argv) try {
   const auto flags = parse(argc, argv);
+  // One thread per matrix product: training and each serving thread get a core each.
+  hive::examples::limit_blas_threads(1);
   at::set_num_threads(1);
   torch::manual_seed(0);
   // The replica downloads every 2 s and logs each one; HIVE_LOG_LEVEL=info shows them.
@@ -293,9 +296,10 @@ int main(int argc, char** argv) try {
       const auto s = samples_now();
       const auto sec = std::chrono::duration_cast<std::chrono::seconds>(now - t0).count() - 1;
       const double rate = static_cast<double>(s - last_samples) / std::chrono::duration<double>(now - last).count();
-      {
+      if (now - last >= std::chrono::milliseconds(500)) {  // the phase's last sliver would overwrite a full second
         std::lock_guard lock(mutex);
         buckets[sec].train_samples_per_s = rate;
+        buckets[sec].train_measured = true;
       }
       last_samples = s;
       last = now;
@@ -318,10 +322,11 @@ int main(int argc, char** argv) try {
       r.torn += b.torn;
       r.latencies_ms.insert(r.latencies_ms.end(), b.latencies_ms.begin(), b.latencies_ms.end());
       const auto answered = b.requests - b.failed;
-      csv << fmt::format("{},{},{},{:.2f},{:.2f},{:.2f},{},{},{:.1f},{:.1f}\n", sec, phase.name, b.requests,
+      csv << fmt::format("{},{},{},{:.2f},{:.2f},{:.2f},{},{},{:.1f},{}\n", sec, phase.name, b.requests,
                          b.rows ? 100.0 * static_cast<double>(b.correct) / static_cast<double>(b.rows) : 0.0,
                          hive::examples::percentile(b.latencies_ms, 0.5), hive::examples::percentile(b.latencies_ms, 0.99),
-                         b.torn, b.failed, answered ? b.step_sum / static_cast<double>(answered) : 0.0, b.train_samples_per_s);
+                         b.torn, b.failed, answered ? b.step_sum / static_cast<double>(answered) : 0.0,
+                         b.train_measured ? fmt::format("{:.1f}", b.train_samples_per_s) : std::string());
       if (!tty && phase.client && b.requests > 0 && sec % 5 == 0)
         fmt::print("  t={}s: {} requests, accuracy {:.1f}%, p99 {:.1f} ms, training {:.0f} samples/s\n", sec, b.requests,
                    b.rows ? 100.0 * static_cast<double>(b.correct) / static_cast<double>(b.rows) : 0.0,

@@ -9,6 +9,8 @@
 
 #include <torch/torch.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -46,6 +48,19 @@ inline double accuracy(torch::nn::Sequential& model, const Dataset& test) {
   }
   model->train();
   return 100.0 * static_cast<double>(correct) / static_cast<double>(test.images.size(0));
+}
+
+/// Limits OpenBLAS's own thread pool to `n` threads when OpenBLAS is the BLAS in use (Debian's
+/// libopenblas0-pthread); returns false for any other BLAS. at::set_num_threads does not reach
+/// that pool: without this, every matrix product of the training thread and of each serving
+/// thread fans out to all cores, and on a machine of 2 cores serving an FFN cost training half
+/// its samples/s (benchmark_inference). OPENBLAS_NUM_THREADS=1 in the environment does the same.
+inline bool limit_blas_threads(int n) {
+  using SetThreads = void (*)(int);
+  auto* set = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (!set) return false;
+  set(n);
+  return true;
 }
 
 }  // namespace hive::examples
