@@ -8,7 +8,7 @@
 //                       [--allreduce_timeout 60] [--part_size_bytes 524288]
 //                       [--allreduce_peers 8] [--allreduce_mib 64] [--allreduce_rounds 3]
 //                       [--allreduce_strategy both|butterfly|gloo] [--pause 0]
-//                       [--seed 0]
+//                       [--collaborative_peers 4] [--collaborative_samples 8000] [--seed 0]
 //
 // Part 1 (hivemind's benchmark): --peers averagers, each over --num_tensors random tensors of
 // --tensor_size floats (distinct per peer). In each of --rounds rounds every peer calls
@@ -35,11 +35,19 @@
 // the exit code is 1 when it fails). Before part 2 the benchmark checks MemAvailable and halves
 // --allreduce_mib until its estimate fits (it says so).
 //
-// --rounds 0 skips part 1, --allreduce_peers 0 skips part 2. The last line is one JSON object.
+// Part 3 (collaborative training, bench/common/collaborative_bytes.hpp): --collaborative_peers
+// peers train a Fashion-MNIST MLP on the emulated network, once with each of plain, float16 and
+// 8-bit gradient averaging, PowerSGD rank 4 (target-batch-size optimizer, target 256, batch 32)
+// and DiLoCo H=50; "collaborative": {config: {bytes_per_peer_per_step, bytes_per_peer_per_round,
+// rounds, steps, samples, accuracy, seconds}, one_machine_accuracy, ...}.
+//
+// --rounds 0 skips part 1, --allreduce_peers 0 skips part 2, --collaborative_peers 0 part 3.
+// The last line is one JSON object.
 
 #include <hive/averaging/averager.hpp>
 #include <hive/averaging/gloo.hpp>
 
+#include "common/collaborative_bytes.hpp"
 #include "common/machine.hpp"
 
 #include <ATen/ATen.h>
@@ -96,6 +104,8 @@ struct Args {
   int allreduce_rounds = 3;
   std::string allreduce_strategy = "both";
   double pause = 0;
+  int collaborative_peers = 4;
+  std::int64_t collaborative_samples = 8000;
   std::uint64_t seed = 0;
 };
 
@@ -123,7 +133,10 @@ void usage() {
       "  --allreduce_mib M       float32 vector size per peer, MiB (default {})\n"
       "  --allreduce_rounds N    all-reduces; allreduce_s is the median (default {})\n"
       "  --allreduce_strategy S  butterfly, gloo or both (default {}; gloo's figures are gloo_allreduce_*)\n"
-      "Both:\n"
+      "Part 3, bytes sent by collaborative training (emulated network, Fashion-MNIST MLP):\n"
+      "  --collaborative_peers N peers of each swarm; 0 skips part 3 (default {})\n"
+      "  --collaborative_samples N training images, six passes (default {})\n"
+      "All:\n"
       "  --pause S               sleep between rounds, e.g. to let the previous round's DHT\n"
       "                          announcements expire (not counted in round_s; default {})\n"
       "  --seed N                seed of the random tensors (default {})\n"
@@ -134,7 +147,7 @@ void usage() {
       d.peers, d.target_group_size, d.min_group_size, d.rounds, d.num_tensors, d.tensor_size,
       d.num_tensors * d.tensor_size * 4 / (1 << 20), d.compression, d.initial_group_bits, d.matchmaking_time,
       d.request_timeout, d.allreduce_timeout, d.part_size_bytes, d.allreduce_peers, d.allreduce_mib,
-      d.allreduce_rounds, d.allreduce_strategy, d.pause, d.seed);
+      d.allreduce_rounds, d.allreduce_strategy, d.collaborative_peers, d.collaborative_samples, d.pause, d.seed);
 }
 
 Args parse(int argc, char** argv) {
@@ -167,6 +180,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--allreduce_strategy") a.allreduce_strategy = v();
     else if (k == "--pause") a.pause = std::stod(v());
     else if (k == "--seed") a.seed = std::stoull(v());
+    else if (k == "--collaborative_peers") a.collaborative_peers = std::stoi(v());
+    else if (k == "--collaborative_samples") a.collaborative_samples = std::stoll(v());
     else throw std::invalid_argument("unknown flag " + k + " (see --help)");
   }
   HIVE_CHECK(a.rounds >= 0 && a.rounds <= 1000, "--rounds must be in [0, 1000]");
@@ -190,6 +205,9 @@ Args parse(int argc, char** argv) {
   HIVE_CHECK(a.allreduce_strategy == "both" || a.allreduce_strategy == "butterfly" || a.allreduce_strategy == "gloo",
              "--allreduce_strategy must be butterfly, gloo or both, got '{}'", a.allreduce_strategy);
   HIVE_CHECK(a.pause >= 0 && a.pause <= 600, "--pause must be in [0, 600]");
+  HIVE_CHECK(a.collaborative_peers == 0 || (a.collaborative_peers >= 2 && a.collaborative_peers <= 16),
+             "--collaborative_peers must be 0 or in [2, 16]");
+  HIVE_CHECK(a.collaborative_samples >= 256 * a.collaborative_peers, "--collaborative_samples must be at least 256 x peers");
   return a;
 }
 
@@ -621,6 +639,12 @@ int main(int argc, char** argv) try {
     bool ok = true;
     out.update(part2<GlooAverager>(a, ok, "gloo_allreduce", "gloo"));
     check_ok = check_ok && ok;
+  }
+  if (a.collaborative_peers > 0) {
+    hive::bench::CollaborativeBytesArgs c;
+    c.peers = a.collaborative_peers;
+    c.train_samples = a.collaborative_samples;
+    out["collaborative"] = hive::bench::collaborative_part(c);
   }
   out["blas"] = blas;
   out["torch_threads"] = at::get_num_threads();

@@ -5,6 +5,11 @@
 #
 #   bash scripts/demo.sh [--peers 4] [--epochs 4] [--train_samples 24000] [--data_dir DIR]
 #                        [--compression float16] [--averaging_period 25] [--strategy butterfly|gloo]
+#   bash scripts/demo.sh --collaborative [--diloco] [flags of examples/collaborative.cpp]
+#
+# --collaborative runs examples/collaborative instead: the target-batch-size optimizer (or,
+# with --diloco, DiLoCo) on Fashion-MNIST, one peer joining late and one leaving, against one
+# machine trained on the same total samples; the flags after it go to that program.
 #
 # The first peer starts the swarm and prints the --initial_peers line; the others join through
 # it, download its state, and each trains on its own shard (train_samples / peers images),
@@ -21,6 +26,22 @@ period=25
 compression=float16
 strategy=butterfly
 data_dir=""
+if [[ "${1:-}" == "--collaborative" ]]; then
+  shift
+  args=()
+  for a in "$@"; do
+    if [[ "$a" == "--diloco" ]]; then args+=(--mode diloco); else args+=("$a"); fi
+  done
+  bash scripts/setup.sh
+  mkdir -p build
+  if ! cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >build/configure-demo.log 2>&1; then
+    cat build/configure-demo.log >&2
+    echo "demo.sh: configuring build/ failed (log above)" >&2
+    exit 1
+  fi
+  cmake --build build --target collaborative -j "$(nproc)"
+  exec build/examples/collaborative "${args[@]}"
+fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --peers) peers="$2"; shift 2 ;;
@@ -30,7 +51,7 @@ while [[ $# -gt 0 ]]; do
     --compression) compression="$2"; shift 2 ;;
     --strategy) strategy="$2"; shift 2 ;;
     --data_dir) data_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -53,11 +53,19 @@ struct Butterfly;
 struct Gloo;
 template <class T = net::Tcp, class R = dht::Kademlia<>, class A = Butterfly>
 class DecentralizedAverager;
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = Butterfly>
+class PowerSGDAverager;
 }  // namespace averaging
 
 namespace optim {
 template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
 class DecentralizedOptimizer;
+template <class T = net::Tcp, class R = dht::Kademlia<>>
+class ProgressTracker;
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
+class CollaborativeOptimizer;
+template <class T = net::Tcp, class R = dht::Kademlia<>, class A = averaging::Butterfly>
+class DiLoCoOptimizer;
 }  // namespace optim
 
 template <class T = net::Tcp, class R = dht::Kademlia<>, class S = moe::PriorityBatcher<>, class B = moe::ModuleBackend<>>
@@ -108,6 +116,12 @@ using TrainerFor = Trainer<typename P::transport, typename P::routing, typename 
 /// The averager of policy bundle P.
 template <class P = DefaultPolicies>
 using AveragerFor = averaging::DecentralizedAverager<typename P::transport, typename P::routing, typename P::strategy>;
+/// The collaborative (target-batch-size) optimizer of policy bundle P.
+template <class P = DefaultPolicies>
+using CollaborativeOptimizerFor = optim::CollaborativeOptimizer<typename P::transport, typename P::routing, typename P::strategy>;
+/// The DiLoCo optimizer of policy bundle P.
+template <class P = DefaultPolicies>
+using DiLoCoOptimizerFor = optim::DiLoCoOptimizer<typename P::transport, typename P::routing, typename P::strategy>;
 /// The inference server of policy bundle P, serving a model of module type M.
 template <class M, class P = DefaultPolicies>
 using InferenceServerFor = serve::InferenceServer<M, typename P::transport, typename P::routing, typename P::scheduler>;

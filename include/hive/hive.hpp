@@ -40,9 +40,13 @@
 #include <hive/averaging/averager.hpp>
 #include <hive/averaging/butterfly.hpp>
 #include <hive/averaging/group.hpp>
+#include <hive/averaging/powersgd.hpp>
 #include <hive/averaging/state.hpp>
 
+#include <hive/optim/collaborative.hpp>
 #include <hive/optim/decentralized.hpp>
+#include <hive/optim/diloco.hpp>
+#include <hive/optim/progress.hpp>
 #include <hive/serve/client.hpp>
 #include <hive/serve/replica.hpp>
 #include <hive/serve/server.hpp>

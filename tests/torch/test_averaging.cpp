@@ -2,6 +2,7 @@
 // strategies (exact, weighted, compressed), members that die mid-round, state transfer, and
 // training on Fashion-MNIST.
 #include "../../examples/common/fashion_mnist.hpp"
+#include "../common/averaging_swarm.hpp"
 #include "../common/wait.hpp"
 
 #include <hive/averaging/gloo.hpp>
@@ -29,27 +30,10 @@ struct GlooPolicies : DefaultPolicies {
 };
 using GlooAverager = AveragerFor<GlooPolicies>;
 
+using test::fast;
+using test::swarm;
+
 namespace {
-
-/// `n` DHT peers on loopback: the first starts the swarm, the others join through it.
-std::vector<std::unique_ptr<DHT>> swarm(std::size_t n) {
-  std::vector<std::unique_ptr<DHT>> peers;
-  peers.push_back(std::make_unique<DHT>(DHTOptions().listen_on("127.0.0.1:0")));
-  const auto first = peers[0]->visible_addresses();
-  for (std::size_t i = 1; i < n; ++i)
-    peers.push_back(std::make_unique<DHT>(DHTOptions().listen_on("127.0.0.1:0").initial_peers(first)));
-  return peers;
-}
-
-AveragerOptions fast(std::string prefix, std::size_t group) {
-  return AveragerOptions()
-      .prefix(std::move(prefix))
-      .target_group_size(group)
-      .matchmaking_time(Seconds(3))
-      .request_timeout(Seconds(2))
-      .sender_timeout(Seconds(1))
-      .allreduce_timeout(Seconds(20));
-}
 
 /// Runs one step on every averager at once, with weights `weights` (1 when empty).
 template <class A>
@@ -242,12 +226,12 @@ TEST_CASE("averaging: no partner means no change and a clear reason") {
   CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("", 4)), InvalidArgument);
   CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("x", 4).min_group_size(5)), InvalidArgument);
   CHECK_THROWS_AS(averager.step(-1.0), InvalidArgument);
-  // One averager per DHT peer; once it stops, another may take the peer.
-  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("second", 4)), InvalidArgument);
+  // One averager per prefix on a DHT peer; once it stops, another may take the prefix.
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("alone", 4)), InvalidArgument);
   averager.shutdown();
   CHECK_FALSE(averager.step().ok);
-  Averager replacement(*dhts[0], tensors, fast("second", 4));
-  CHECK(replacement.group_key() == "second.0b");
+  Averager replacement(*dhts[0], tensors, fast("alone", 4));
+  CHECK(replacement.group_key() == "alone.0b");
 }
 
 TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing") {
@@ -261,12 +245,16 @@ TEST_CASE("averaging: a client-mode peer sends and receives but reduces nothing"
 
 namespace {
 
-/// A hand-written member: joins the group of the best-ranked peer under `key`, then either
-/// dies (closes its connections) or, in client mode, never sends a chunk.
+/// A hand-written member: joins the group of the best-ranked peer under `key`, then dies in a
+/// phase the test picks (closes its connections), or, in client mode, never sends a chunk.
 struct FakeMember {
   net::Runtime runtime{1};
   std::shared_ptr<net::Rpc<net::Tcp>> rpc = net::Rpc<net::Tcp>::create(runtime.executor());
   std::string address;
+  /// The group it joined (members and its index), once join() returned.
+  averaging::GroupInfo group;
+  /// Set (on the io thread) when a chunk reached this member as a reducer.
+  std::atomic<bool> reducing{false};
 
   explicit FakeMember(bool client_mode) {
     if (!client_mode) address = rpc->listen("127.0.0.1:0");
@@ -276,9 +264,23 @@ struct FakeMember {
     runtime.stop();
   }
 
+  /// Serves the run's part method by holding every chunk without an answer (a reducer that
+  /// stalls; it dies when the test closes `rpc`).
+  void hold_chunks(const std::string& prefix) {
+    rpc->add_handler(averaging::method_for(averaging::part_method, prefix),
+                     [this](net::CallContext, Message) -> asio::awaitable<Message> {
+                       reducing = true;
+                       asio::steady_timer timer(co_await asio::this_coro::executor, std::chrono::seconds(30));
+                       auto [ec] = co_await timer.async_wait(hive::detail::as_tuple_awaitable);
+                       (void)ec;
+                       throw Error(errc::timeout, "held");
+                     });
+  }
+
   /// Joins the best-ranked peer under `key` (read from `dht`), retrying refusals (a peer may
   /// still be asking another) for a bounded time; returns the group's size, 0 when not accepted.
   std::size_t join(DHT& dht, const std::string& key, const std::string& schema) {
+    const auto prefix = key.substr(0, key.rfind(".0b"));
     std::size_t size = 0;
     test::wait_for([&] {
       auto record = dht.get(key, true);
@@ -294,35 +296,99 @@ struct FakeMember {
       Message request;
       request.header = {{"key", key}, {"schema", schema}, {"compression", "none"}, {"address", address},
                         {"client_mode", address.empty()}};
-      auto reply = rpc->call(leader, "avg.join", std::move(request), Seconds(10));
+      auto reply = rpc->call(leader, averaging::method_for(averaging::join_method, prefix), std::move(request), Seconds(10));
       if (!reply.header.value("accepted", false)) return false;
-      size = reply.header["members"].size();
+      group.group_id = reply.header["group_id"].get<std::string>();
+      group.members = reply.header["members"].get<std::vector<averaging::Member>>();
+      group.my_index = reply.header["index"].get<std::size_t>();
+      size = group.size();
       return true;
     });
     return size;
   }
+
+  /// Sends chunk 0 of `flat`'s part of member `reducer` (a group of one chunk per part), and
+  /// gives up on the answer at once.
+  void send_part(const std::string& prefix, const at::Tensor& flat, std::size_t reducer) {
+    const auto parts = averaging::partition(group, flat.numel());
+    const auto reducers = group.reducers();
+    const auto p = static_cast<std::size_t>(std::find(reducers.begin(), reducers.end(), reducer) - reducers.begin());
+    Message m;
+    m.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", 0}, {"weight", 1.0}, {"compression", "none"}};
+    add_tensors(m, {flat.slice(0, parts[p].begin, parts[p].end).clone()});
+    try {
+      rpc->call(group.members[reducer].address, averaging::method_for(averaging::part_method, prefix), std::move(m), Seconds(0.3));
+    } catch (const std::exception&) {  // the answer comes after all senders: not waited for
+    }
+  }
 };
 
-}  // namespace
+/// How a FakeMember fails a round of three real peers and itself.
+enum class Death { before_sending, while_sending, while_reducing };
 
-TEST_CASE("averaging: a member that dies mid-round fails the round cleanly, and the next round succeeds") {
-  Peers<> peers(swarm(3), 20, fast("dies", 4));
+/// Three real peers and a FakeMember that dies in phase `death`: the survivors finish the
+/// round; the dead member's part keeps each survivor's values (and is named in unaveraged);
+/// every other part holds the mean of the members that sent it. Then a round without it.
+void check_survivors(Death death, const std::string& prefix) {
+  Peers<> peers(swarm(3), 20, fast(prefix, 4));
   auto fake = std::make_unique<FakeMember>(false);
+  const auto fake_flat = averaging::flatten_tensors(peer_tensors(99));
+  if (death == Death::while_reducing) fake->hold_chunks(prefix);
   auto joined = std::async(std::launch::async, [&] {
     auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
-    fake->rpc->close();  // dies as the round starts: its part is never averaged
+    if (death == Death::while_sending) fake->send_part(prefix, fake_flat, 0);  // to the leader only
+    if (death == Death::while_reducing) test::wait_for([&] { return fake->reducing.load(); });
+    fake->rpc->close();
     return n;
   });
   auto results = step_all(peers.averagers);
   REQUIRE(joined.get() == 4);
+  const auto& group = fake->group;
+  const auto flat_size = averaging::flatten_tensors(peers.before[0]).numel();
+  const auto parts = averaging::partition(group, flat_size);
+  const auto dead = parts[group.my_index];  // every member reduces: part index = member index
+  std::vector<at::Tensor> before;
+  for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
+  const auto survivors_mean = (before[0] + before[1] + before[2]) / 3;
+  const auto with_fake = (before[0] + before[1] + before[2] + fake_flat.to(at::kDouble)) / 4;
   for (std::size_t i = 0; i < 3; ++i) {
     INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
     CHECK(results[i].group_size == 4);
-    CHECK_FALSE(results[i].ok);
-    CHECK(max_abs_diff(peers.tensors[i], peers.before[i]) == 0);  // nothing half-written
+    REQUIRE(results[i].unaveraged.size() == 1);
+    CHECK(results[i].unaveraged[0].begin == dead.begin);
+    CHECK(results[i].unaveraged[0].end == dead.end);
+    const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      INFO("part ", p);
+      const auto got = after.slice(0, parts[p].begin, parts[p].end);
+      if (p == group.my_index) {
+        CHECK(at::equal(got, before[i].slice(0, parts[p].begin, parts[p].end)));  // its own values, untouched
+      } else {
+        const auto& mean = death == Death::while_sending && p == 0 ? with_fake : survivors_mean;
+        CHECK((got - mean.slice(0, parts[p].begin, parts[p].end)).abs().max().item<double>() <= 1e-5);
+      }
+    }
   }
-  // Without it, the survivors average normally.
-  check_averaged(step_all(peers.averagers), peers, expected_mean(peers.before, {1, 1, 1}), 3);
+  // Without it, the survivors average everything.
+  for (std::size_t i = 0; i < 3; ++i) peers.before[i] = clones(peers.tensors[i]);
+  auto again = step_all(peers.averagers);
+  check_averaged(again, peers, expected_mean(peers.before, {1, 1, 1}), 3);
+  for (const auto& r : again) CHECK(r.complete());
+}
+
+}  // namespace
+
+TEST_CASE("averaging: a member that dies before sending: the others average the rest, its part keeps local values") {
+  check_survivors(Death::before_sending, "dies_before");
+}
+
+TEST_CASE("averaging: a member that dies while sending: its chunk counts where it arrived, its part keeps local values") {
+  check_survivors(Death::while_sending, "dies_sending");
+}
+
+TEST_CASE("averaging: a member that dies while reducing: its part keeps local values, the rest is averaged") {
+  check_survivors(Death::while_reducing, "dies_reducing");
 }
 
 TEST_CASE("averaging: a Gloo round whose member never comes fails on the others by its timeout, and the next round works") {
@@ -362,19 +428,30 @@ TEST_CASE("averaging: a part request with bad fields gets an error and the peer 
   net::Runtime runtime(1);
   auto rpc = net::Rpc<net::Tcp>::create(runtime.executor());
   const auto address = dhts[0]->visible_addresses().at(0);
+  // Each is refused by the averager's handler (served under the run's prefix), not as an
+  // unknown method.
+  auto refused = [&](const std::string& method, Message m, Seconds timeout) {
+    try {
+      rpc->call(address, method, std::move(m), timeout);
+      FAIL("no error for ", method);
+    } catch (const RemoteError& e) {
+      INFO(method, ": ", e.what());
+      CHECK(std::string(e.what()).find("unknown method") == std::string::npos);
+    }
+  };
   Message no_fields;
   no_fields.header = nlohmann::json::object();
-  CHECK_THROWS_AS(rpc->call(address, "avg.part", no_fields, Seconds(5)), RemoteError);
+  refused("avg.part:bad", no_fields, Seconds(5));
   Message unknown_group;
   unknown_group.header = {{"group", "nope"}, {"sender", 0}, {"chunk", 0}, {"weight", 1.0}};
   add_tensors(unknown_group, {at::ones({4})});
-  CHECK_THROWS_AS(rpc->call(address, "avg.part", unknown_group, Seconds(10)), RemoteError);
+  refused("avg.part:bad", unknown_group, Seconds(10));
   Message bad_join;
   bad_join.header = {{"key", 3}};
-  CHECK_THROWS_AS(rpc->call(address, "avg.join", bad_join, Seconds(5)), RemoteError);
+  refused("avg.join:bad", bad_join, Seconds(5));
   Message state;
   state.header = {{"offset", 0}};
-  CHECK_THROWS_AS(rpc->call(address, "avg.state", state, Seconds(5)), RemoteError);  // shares no state
+  refused("avg.state:bad", state, Seconds(5));  // shares no state
   rpc->close();
   // Still averaging.
   auto other = peer_tensors(2);

@@ -96,7 +96,7 @@ struct StrategyWithoutServe {
   template <class T>
   struct Runner {
     explicit Runner(std::shared_ptr<net::Rpc<T>>) {}
-    asio::awaitable<at::Tensor> run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
+    asio::awaitable<averaging::Reduced> run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
     void close() {}
   };
 };
@@ -104,7 +104,7 @@ struct StrategyWithoutName {
   template <class T>
   struct Runner {
     explicit Runner(std::shared_ptr<net::Rpc<T>>) {}
-    asio::awaitable<at::Tensor> run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
+    asio::awaitable<averaging::Reduced> run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
     asio::awaitable<Message> serve(Message, const averaging::AllReduceSettings&);
     void close() {}
   };
@@ -114,7 +114,7 @@ struct StrategyWithBlockingRun {
   template <class T>
   struct Runner {
     explicit Runner(std::shared_ptr<net::Rpc<T>>) {}
-    at::Tensor run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
+    averaging::Reduced run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
     asio::awaitable<Message> serve(Message, const averaging::AllReduceSettings&);
     void close() {}
   };
@@ -131,8 +131,8 @@ struct LoggedButterfly {
     using Inner = hive::averaging::Butterfly::Runner<T>;
     explicit Runner(std::shared_ptr<hive::net::Rpc<T>> rpc) : inner_(std::make_shared<Inner>(std::move(rpc))) {}
 
-    asio::awaitable<at::Tensor> run(const hive::averaging::GroupInfo& group, at::Tensor flat, double weight,
-                                    const hive::averaging::AllReduceSettings& s) {
+    asio::awaitable<hive::averaging::Reduced> run(const hive::averaging::GroupInfo& group, at::Tensor flat, double weight,
+                                                  const hive::averaging::AllReduceSettings& s) {
       ++logged_rounds;
       auto op = inner_->run(group, std::move(flat), weight, s);
       co_return co_await std::move(op);

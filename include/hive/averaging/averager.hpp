@@ -31,7 +31,7 @@
 namespace hive::averaging {
 
 /// Method a peer calls on a group leader to join its group (a long call: the reply comes when
-/// the group forms or the leader gives up).
+/// the group forms or the leader gives up). Served as `avg.join:<prefix>` (method_for).
 inline constexpr std::string_view join_method = "avg.join";
 /// How far apart the clocks of two peers may be for matchmaking to work: two machines each
 /// up to 3 s off (hivemind's bound) disagree by up to 6 s. Announcements outlive their
@@ -61,6 +61,9 @@ struct AveragerOptions {
   /// How long a reducer waits for a missing member's chunk after the chunk's first arrival;
   /// then it averages the members that sent it.
   HIVE_ARG(Seconds, sender_timeout, Seconds(10));
+  /// How long a member waits for a reducer's answer to one chunk (hivemind: 2 × sender_timeout);
+  /// then that chunk keeps the member's own values and StepResult::unaveraged says so.
+  HIVE_ARG(Seconds, reducer_timeout, Seconds(20));
   /// Compression of the chunks sent and of the averages sent back.
   HIVE_ARG(Compression, compression, Compression::none);
   /// Largest chunk of a part, in bytes of float32 (2^19 = 128Ki elements).
@@ -68,19 +71,30 @@ struct AveragerOptions {
   /// Send tensors and receive averages, but average no part (for peers that cannot accept
   /// connections; implied by a client-mode DHT).
   HIVE_ARG(bool, client_mode, false);
+  /// Average a part for the others but send nothing (a peer that holds no model and lends its
+  /// bandwidth: its tensors only give the shapes, and are never read or written). Its weight
+  /// is 0 whatever step() is given. Not with client_mode.
+  HIVE_ARG(bool, auxiliary, false);
+  /// This peer's bandwidth as announced to its group (any unit the run agrees on, e.g. Mbit/s);
+  /// when every reducing member announced one, each reduces a share of the vector in
+  /// proportion. 0: unknown (equal parts).
+  HIVE_ARG(double, bandwidth, 0.0);
   /// How often a peer that shares its state re-announces it in the DHT.
   HIVE_ARG(Seconds, declare_state_period, Seconds(10));
   /// Largest reply of a state download, in bytes (each reply carries at least one tensor).
   HIVE_ARG(std::int64_t, state_part_bytes, std::int64_t{8} << 20);
   HIVE_OPTIONS_JSON(AveragerOptions, prefix, target_group_size, min_group_size, initial_group_bits, matchmaking_time,
-                    request_timeout, allreduce_timeout, sender_timeout, compression, part_size_bytes, client_mode,
-                    declare_state_period, state_part_bytes)
+                    request_timeout, allreduce_timeout, sender_timeout, reducer_timeout, compression, part_size_bytes,
+                    client_mode, auxiliary, bandwidth, declare_state_period, state_part_bytes)
 };
 
 /// What a step did.
 struct StepResult {
-  /// True when the tensors now hold the group's average.
+  /// True when the tensors now hold the group's average, except the ranges in `unaveraged`.
   bool ok = false;
+  /// Element ranges of the flattened tensors (in order, float32 elements) that kept this
+  /// peer's values because their reducer failed mid-round; empty when everything was averaged.
+  std::vector<Range> unaveraged;
   /// Members of the group (0 when none formed).
   std::size_t group_size = 0;
   /// The round's id (empty when no group formed).
@@ -98,6 +112,21 @@ struct StepResult {
   double matchmaking_s = 0, allreduce_s = 0;
   /// ok.
   explicit operator bool() const noexcept { return ok; }
+  /// True when every element was averaged (ok, and nothing in `unaveraged`).
+  [[nodiscard]] bool complete() const noexcept { return ok && unaveraged.empty(); }
+};
+
+/// What the body of a custom round (DecentralizedAverager::step_with) gets: the group that
+/// matchmaking formed, and all-reduces to run in it.
+struct RoundContext {
+  /// The group (members, this peer's index, the round's id).
+  GroupInfo group;
+  /// The weight this peer was given (0 for an auxiliary peer).
+  double weight = 1;
+  /// Averages `flat` (float32, one dimension, the same size on every member) in the group with
+  /// `weight`; `phase` names this all-reduce on the wire, the same on every member and
+  /// different for each all-reduce of the round. Throws as the Strategy's run().
+  std::function<asio::awaitable<Reduced>(at::Tensor flat, double weight, std::string phase)> allreduce;
 };
 
 /// Averages a list of tensors with peers of the same run, found through the DHT.
@@ -110,10 +139,10 @@ struct StepResult {
 ///   leads: it starts the round when it has target_group_size members, or when its
 ///   matchmaking time ends with at least min_group_size. When matchmaking ends a peer
 ///   overwrites its announcement with "not looking".
-/// - The group then runs the Strategy's all-reduce (butterfly by default). The tensors change
-///   only when the whole average came back: a member that dies or stalls makes the round fail
-///   (or, as a sender only, be left out after sender_timeout), never leaves a tensor
-///   half-written.
+/// - The group then runs the Strategy's all-reduce (butterfly by default). A member that dies
+///   or stalls as a sender is left out after sender_timeout; the parts it was to reduce keep
+///   each member's own values (StepResult::unaveraged names them). Every element ends either
+///   averaged or as it was, never half-written.
 ///
 /// A peer that shares its state (set_state_provider) announces itself under `prefix.all_averagers`
 /// with a priority; load_state_from_peers() downloads the state of the peer with the highest.
@@ -131,8 +160,9 @@ struct StepResult {
 /// @endcode
 /// @par Thread safety
 /// step(), load_state_from_peers() and the accessors may be called from any thread except the
-/// DHT's io threads; one step at a time. One averager per DHT peer (the constructor throws
-/// hive::InvalidArgument for a second one while the first runs). The averaged tensors are written in place under
+/// DHT's io threads; one step at a time. Several averagers may share a DHT peer when their
+/// prefixes differ (a gradient and a state averager, say); a second one with the same prefix
+/// throws hive::InvalidArgument while the first runs. The averaged tensors are written in place under
 /// tensors_mutex(): hold it while reading or changing them from other threads.
 template <class T, class R, class A>
 class DecentralizedAverager {
@@ -173,9 +203,25 @@ class DecentralizedAverager {
     HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
     auto core = core_;
     auto op = [core, weight, gather = std::move(gather)]() -> asio::awaitable<StepResult> {
-      co_return co_await core->round(weight, gather);
+      co_return co_await core->round(weight, gather, nullptr);
     };
     return asio::co_spawn(core_->rpc->get_executor(), std::move(op), std::forward<Token>(token));
+  }
+
+  /// A custom round: looks for a group as step() does, then runs `body`, which averages what
+  /// it wants with RoundContext::allreduce (several all-reduces in one group, as PowerSGD's two
+  /// phases) and writes the tensors itself (under tensors_mutex()). The body runs on the DHT's
+  /// io strand; a body that throws fails the step (StepResult::error), and should leave its
+  /// tensors as they were.
+  StepResult step_with(std::function<asio::awaitable<void>(RoundContext&)> body, double weight = 1.0,
+                       nlohmann::json gather = nullptr) {
+    HIVE_CHECK(body, "step_with needs a body");
+    HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+    auto core = core_;
+    auto op = [core, weight, gather = std::move(gather), body = std::move(body)]() -> asio::awaitable<StepResult> {
+      co_return co_await core->round(weight, gather, body);
+    };
+    return asio::co_spawn(core_->rpc->get_executor(), std::move(op), asio::use_future).get();
   }
 
   /// The averaged tensors (the same storage as given).
@@ -200,8 +246,8 @@ class DecentralizedAverager {
     core_->state->set_provider(std::move(provider), priority);
   }
   /// Changes the priority announced with the shared state (higher is preferred by newcomers);
-  /// it reaches the DHT with the next re-announcement (every declare_state_period).
-  void set_state_priority(double priority) noexcept { core_->state->set_priority(priority); }
+  /// a changed priority is announced at once, in the background.
+  void set_state_priority(double priority) { core_->state->set_priority(priority); }
 
   /// Downloads the state of the sharing peer with the highest priority (trying the next one
   /// when a download fails); nullopt when no peer shares a state or every download failed.
@@ -214,6 +260,19 @@ class DecentralizedAverager {
   auto async_load_state_from_peers(Seconds timeout = Seconds(60), Token&& token = {}) {
     return core_->state->async_download(timeout, std::forward<Token>(token));
   }
+  /// Only peers with the same `tag` meet from the next step on (e.g. the epoch whose gradients
+  /// are averaged, so that a late peer never mixes two epochs); empty: no tag. Any thread but
+  /// the DHT's io threads.
+  void set_round_tag(std::string tag) {
+    auto core = core_;
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->tag = std::move(tag); });
+  }
+  /// Starts later rounds as soon as `size` members joined (clamped to [min_group_size,
+  /// target_group_size]; 0: target_group_size again). For a caller that knows how many peers
+  /// are there, e.g. from a progress tracker. Any thread.
+  void set_target_group_size(std::size_t size) noexcept { core_->target_override.store(size); }
+  /// True for an auxiliary peer (AveragerOptions::auxiliary).
+  [[nodiscard]] bool auxiliary() const noexcept { return core_->options.auxiliary(); }
 
   /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
   /// The tensors are left as they are.
@@ -256,22 +315,34 @@ class DecentralizedAverager {
                  "min_group_size must be in [2, target_group_size], got {}", options.min_group_size());
       HIVE_CHECK(options.matchmaking_time() > Seconds(0), "matchmaking_time must be positive");
       HIVE_CHECK(options.part_size_bytes() >= 4, "part_size_bytes must be at least 4");
+      HIVE_CHECK(std::isfinite(options.bandwidth()) && options.bandwidth() >= 0, "bandwidth must be a finite number >= 0, got {}",
+                 options.bandwidth());
+      HIVE_CHECK(options.reducer_timeout() > Seconds(0), "reducer_timeout must be positive");
       for (const auto& t : tensors)
         HIVE_CHECK(t.defined() && at::isFloatingType(t.scalar_type()), "averaged tensors must be floating point");
       const auto visible = dht.visible_addresses();
       address = visible.empty() ? std::string() : visible.front();
       client_mode = options.client_mode() || address.empty();
       if (client_mode) address.clear();
+      HIVE_CHECK(!(client_mode && options.auxiliary()),
+                 "an auxiliary peer reduces parts, so others must reach it: it cannot be in client mode{}",
+                 options.client_mode() ? "" : " (its DHT peer has no reachable address)");
+      join_name = method_for(join_method, options.prefix());
+      part_name = method_for(part_method, options.prefix());
+      state_name = method_for(state_method, options.prefix());
       schema = schema_hash(tensors);
       settings.compression = options.compression();
       settings.chunk_elements = std::max<std::int64_t>(1, options.part_size_bytes() / 4);
       settings.sender_timeout = options.sender_timeout();
+      settings.reducer_timeout = options.reducer_timeout();
+      settings.method = part_name;
       settings.timeout = options.allreduce_timeout();
       settings.registration_timeout = options.request_timeout();
       settings.limits = rpc->transport().limits();
       state = std::make_shared<StateSharing<T, R>>(
           node, keys.state_key(), address,
-          StateSharingOptions().declare_period(options.declare_state_period()).part_bytes(options.state_part_bytes()));
+          StateSharingOptions().declare_period(options.declare_state_period()).part_bytes(options.state_part_bytes()),
+          state_name);
     }
 
     void start() {
@@ -283,16 +354,17 @@ class DecentralizedAverager {
           co_return co_await body(self, std::move(ctx), std::move(m));
         };
       };
-      // One averager per peer: the methods are the peer's, and a second averager would
-      // silently take over the first one's rounds.
-      const bool fresh = rpc->try_add_handler(std::string(join_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+      // One averager per prefix and peer: the methods carry the prefix, and a second averager
+      // of the same run would silently take over the first one's rounds.
+      const bool fresh = rpc->try_add_handler(join_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
         return self->serve_join(std::move(m));
       }));
-      HIVE_CHECK(fresh, "this DHT peer already runs an averager: use one DHT peer per averager");
-      rpc->add_handler(std::string(part_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+      HIVE_CHECK(fresh, "this DHT peer already runs an averager with prefix '{}': give each averager its own prefix",
+                 options.prefix());
+      rpc->add_handler(part_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
                          return self->runner->serve(std::move(m), self->settings);
                        }));
-      rpc->add_handler(std::string(state_method), guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
+      rpc->add_handler(state_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
                          return self->state->serve(std::move(m));
                        }));
     }
@@ -300,7 +372,7 @@ class DecentralizedAverager {
     void close() {
       if (closed) return;
       closed = true;
-      for (auto method : {join_method, part_method, state_method}) rpc->remove_handler(std::string(method));
+      for (const auto* method : {&join_name, &part_name, &state_name}) rpc->remove_handler(*method);
       state->close();
       changed.notify_all();
       for (auto& w : waiters) {
@@ -326,13 +398,22 @@ class DecentralizedAverager {
       if (phase == Phase::requesting) co_return reject("this peer is asking another leader", false);
       if (phase != Phase::looking) co_return reject("this peer is not looking for a group", true);
       if (h["key"].get<std::string>() != keys.group_key()) co_return reject("different group key", true);
-      if (h["schema"].get<std::string>() != schema) co_return reject("different tensor shapes", true);
+      if (h["schema"].get<std::string>() != matched_schema())
+        co_return reject(tag.empty() ? "different tensor shapes" : "different tensor shapes or round tag", true);
       if (h.value("compression", nlohmann::json("none")) != nlohmann::json(settings.compression))
         co_return reject("different compression", true);
       std::vector<Member> block(1);
       block[0].address = h["address"].get<std::string>();
       block[0].client_mode = h["client_mode"].get<bool>();
       block[0].gathered = h.value("gathered", nlohmann::json());
+      try {
+        block[0].auxiliary = h.value("auxiliary", false);
+        block[0].bandwidth = h.value("bandwidth", 0.0);
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(errc::bad_header, fmt::format("avg.join: bad 'auxiliary' or 'bandwidth': {}", e.what()));
+      }
+      if (!std::isfinite(block[0].bandwidth) || block[0].bandwidth < 0 || (block[0].auxiliary && block[0].client_mode))
+        throw Error(errc::bad_header, "avg.join: 'bandwidth' must be a finite number >= 0, and a client-mode member cannot be auxiliary");
       if (h.contains("followers")) {
         try {
           for (auto& f : h["followers"].get<std::vector<Member>>()) block.push_back(std::move(f));
@@ -363,6 +444,15 @@ class DecentralizedAverager {
                          {"members", std::move(members)},
                          {"index", waiter->group->my_index}},
                         {}};
+    }
+
+    // What peers must share to meet: the tensors' shapes, and the round tag if any.
+    [[nodiscard]] std::string matched_schema() const { return tag.empty() ? schema : schema + "@" + tag; }
+
+    // The members a leader starts the round with at once.
+    [[nodiscard]] std::size_t target_size() const {
+      const auto n = target_override.load();
+      return n == 0 ? options.target_group_size() : std::clamp(n, options.min_group_size(), options.target_group_size());
     }
 
     // Members of the group this peer leads now (itself and every waiting block).
@@ -401,7 +491,7 @@ class DecentralizedAverager {
         // Clocks of separate machines differ: a leader whose deadline seems just past may still
         // be looking (it says so if not).
         if (c.deadline + max_clock_offset <= now) continue;
-        if (v.value.value("schema", std::string()) != schema || !v.value.value("looking", true)) continue;
+        if (v.value.value("schema", std::string()) != matched_schema() || !v.value.value("looking", true)) continue;
         // Join only peers that rank before this one, so that no two peers wait on each other.
         if (!client_mode && std::tie(c.deadline, c.address) >= std::tie(my_deadline_wall, address)) continue;
         out.push_back(std::move(c));
@@ -421,8 +511,9 @@ class DecentralizedAverager {
                                             const std::vector<std::shared_ptr<Waiter>>& bringing) {
       JoinReply out;
       Message request;
-      request.header = {{"key", keys.group_key()}, {"schema", schema},         {"compression", settings.compression},
-                        {"address", address},     {"client_mode", client_mode}, {"gathered", gathered}};
+      request.header = {{"key", keys.group_key()}, {"schema", matched_schema()}, {"compression", settings.compression},
+                        {"address", address},     {"client_mode", client_mode}, {"gathered", gathered},
+                        {"auxiliary", options.auxiliary()}, {"bandwidth", options.bandwidth()}};
       if (!bringing.empty()) {
         auto followers = nlohmann::json::array();
         for (const auto& w : bringing)
@@ -431,7 +522,7 @@ class DecentralizedAverager {
       }
       const auto wait = Seconds(std::max(0.0, leader.deadline - node->now()) + max_clock_offset) + options.request_timeout();
       try {
-        auto op = rpc->co_call(leader.address, std::string(join_method), std::move(request), wait);
+        auto op = rpc->co_call(leader.address, join_name, std::move(request), wait);
         Message reply = co_await std::move(op);
         const auto& h = reply.header;
         if (!h.is_object() || !h.contains("accepted") || !h["accepted"].is_boolean())
@@ -469,7 +560,7 @@ class DecentralizedAverager {
       const auto key = keys.group_key();
       if (!client_mode) {
         std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(address),
-                                           nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", schema}}),
+                                           nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", matched_schema()}}),
                                            // outlives the deadline by the clock tolerance, so that
                                            // replicas whose clocks run ahead still hold it
                                            my_deadline_wall + max_clock_offset}};
@@ -480,13 +571,13 @@ class DecentralizedAverager {
       std::set<std::string> refused;
       const auto poll = to_duration(std::min(Seconds(0.2), options.matchmaking_time() / 10));
       std::string last_reason;
-      while (!closed && SteadyClock::now() < end && group_members() < options.target_group_size()) {
+      while (!closed && SteadyClock::now() < end && group_members() < target_size()) {
         // Even a peer that already leads followers asks better-ranked leaders, bringing its
         // followers along: groups that formed around different peers merge.
         auto op = candidates(key);
         auto found = co_await std::move(op);
         for (const auto& c : found) {
-          if (closed || SteadyClock::now() >= end || group_members() >= options.target_group_size()) break;
+          if (closed || SteadyClock::now() >= end || group_members() >= target_size()) break;
           if (refused.contains(c.address)) continue;
           phase = Phase::requesting;
           auto bringing = waiters;
@@ -502,7 +593,7 @@ class DecentralizedAverager {
           last_reason = fmt::format("{}: {}", c.address, reply.reason);
           if (reply.final) refused.insert(c.address);
         }
-        if (closed || group_members() >= options.target_group_size()) break;
+        if (closed || group_members() >= target_size()) break;
         co_await changed.wait(std::min(end, SteadyClock::now() + poll));
       }
       if (closed) {
@@ -527,7 +618,7 @@ class DecentralizedAverager {
       }
       GroupInfo g;
       g.group_id = Id160::random().hex().substr(0, 24);
-      g.members.push_back(Member{address, false, my_gathered});
+      g.members.push_back(Member{address, false, options.auxiliary(), options.bandwidth(), my_gathered});
       for (const auto& w : followers)
         for (const auto& m : w->block) g.members.push_back(m);
       decide(followers, g, 1);
@@ -556,7 +647,8 @@ class DecentralizedAverager {
 
     // ----- one step -----
 
-    asio::awaitable<StepResult> round(double weight, nlohmann::json gathered) {
+    asio::awaitable<StepResult> round(double weight, nlohmann::json gathered,
+                                      std::function<asio::awaitable<void>(RoundContext&)> body) {
       StepResult result;
       if (closed) {
         result.error = "the averager is shut down";
@@ -593,29 +685,49 @@ class DecentralizedAverager {
       result.group_size = group->size();
       result.group_id = group->group_id;
       for (const auto& m : group->members) result.gathered.push_back(m.gathered);
-      at::Tensor flat;
-      {
-        std::lock_guard lock(tensors_mutex);
-        flat = flatten_tensors(tensors);
-      }
+      // An auxiliary peer lends its bandwidth: it weighs nothing and keeps nothing.
+      if (options.auxiliary()) weight = 0;
+      std::error_code failed;
       try {
-        auto op = runner->run(*group, flat, weight, settings);
-        auto averaged = co_await std::move(op);
-        std::lock_guard lock(tensors_mutex);
-        unflatten_into(averaged, tensors);
+        if (body) {
+          RoundContext context;
+          context.group = *group;
+          context.weight = weight;
+          context.allreduce = [self, g = *group](at::Tensor flat, double w, std::string phase) -> asio::awaitable<Reduced> {
+            GroupInfo phased = g;
+            phased.group_id += "." + phase;
+            auto op = self->runner->run(phased, std::move(flat), w, self->settings);
+            co_return co_await std::move(op);
+          };
+          auto op = body(context);
+          co_await std::move(op);
+        } else {
+          at::Tensor flat;
+          {
+            std::lock_guard lock(tensors_mutex);
+            flat = flatten_tensors(tensors);
+          }
+          auto op = runner->run(*group, flat, weight, settings);
+          auto reduced = co_await std::move(op);
+          if (!options.auxiliary()) {
+            std::lock_guard lock(tensors_mutex);
+            unflatten_into(reduced.average, tensors);
+          }
+          result.unaveraged = std::move(reduced.unaveraged);
+        }
       } catch (const std::system_error& e) {  // hive::Error, hive::RemoteError
         result.error = e.what();
-        result.code = e.code();
-        result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
-        co_return result;
+        failed = e.code();
       } catch (const std::exception& e) {  // a torch error writing the average back
         result.error = e.what();
-        result.code = errc::round_failed;
-        result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
+        failed = errc::round_failed;
+      }
+      result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
+      if (failed) {
+        result.code = failed;
         co_return result;
       }
       keys.update(group->my_index, group->size());
-      result.allreduce_s = std::chrono::duration<double>(SteadyClock::now() - matched).count();
       result.ok = true;
       co_return result;
     }
@@ -632,9 +744,12 @@ class DecentralizedAverager {
     AllReduceSettings settings;
     std::string address;
     bool client_mode = false;
+    std::string join_name, part_name, state_name;  // the methods, with the prefix
     std::string schema;
+    std::string tag;  // set_round_tag()
     bool closed = false;
     bool busy = false;
+    std::atomic<std::size_t> target_override{0};  // set_target_group_size()
     Phase phase = Phase::idle;
     Deadline my_deadline{};
     double my_deadline_wall = 0;

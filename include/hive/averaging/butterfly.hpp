@@ -11,6 +11,7 @@
 #include <hive/net/rpc.hpp>
 #include <hive/net/transport.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <map>
@@ -21,8 +22,18 @@
 namespace hive::averaging {
 
 /// Method a member calls to send a chunk of its vector to the chunk's reducer; the reply is the
-/// chunk's group average.
+/// chunk's group average. An averager serves it as `avg.part:<prefix>` (method_for), so that
+/// several averagers (gradients, state) share one DHT peer.
 inline constexpr std::string_view part_method = "avg.part";
+
+/// What an all-reduce left behind.
+struct Reduced {
+  /// This peer's vector after the round: the group's average, except in `unaveraged`.
+  at::Tensor average;
+  /// Element ranges that kept this peer's own values because their reducer failed (died,
+  /// stalled past reducer_timeout, or answered with an error); empty when all was averaged.
+  std::vector<Range> unaveraged;
+};
 
 /// What one all-reduce needs to know besides the group and the vector.
 struct AllReduceSettings {
@@ -35,8 +46,13 @@ struct AllReduceSettings {
   Seconds sender_timeout = Seconds(10);
   /// Bound on the whole all-reduce.
   Seconds timeout = Seconds(60);
+  /// How long a sender waits for a reducer's answer to one chunk; then the chunk keeps the
+  /// sender's own values.
+  Seconds reducer_timeout = Seconds(20);
   /// How long a chunk that arrives before this peer knows its round waits for it.
   Seconds registration_timeout = Seconds(3);
+  /// The method the runner calls on other members (method_for(part_method, prefix)).
+  std::string method = std::string(part_method);
   /// Bounds on what the peer decodes.
   Limits limits{};
 };
@@ -45,8 +61,9 @@ struct AllReduceSettings {
 ///
 /// A model names itself (`A::name`, in logs) and provides `Runner<T>`, constructible from a
 /// peer's `std::shared_ptr<net::Rpc<T>>`, with `run(group, flat, weight, settings)` (awaitable:
-/// the group's weighted average of `flat`), `serve(request, settings)` (the handler of
-/// part_method) and `close()`. See docs/concepts/strategy.md.
+/// a Reduced, the group's weighted average of `flat` and the ranges that kept local values),
+/// `serve(request, settings)` (the handler of settings.method) and `close()`. See
+/// docs/concepts/strategy.md.
 template <class A, class T>
 concept StrategyFor = net::Transport<T> && requires {
   { A::name } -> std::convertible_to<std::string_view>;
@@ -54,7 +71,7 @@ concept StrategyFor = net::Transport<T> && requires {
 } && std::constructible_from<typename A::template Runner<T>, std::shared_ptr<net::Rpc<T>>> &&
     requires(typename A::template Runner<T>& r, const GroupInfo& g, at::Tensor t, double w, const AllReduceSettings& s,
              Message m) {
-      { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<at::Tensor>>;
+      { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<Reduced>>;
       { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
       r.close();
     };
@@ -67,12 +84,15 @@ concept Strategy = StrategyFor<A, net::archetype::Transport>;
 
 /// Butterfly all-reduce (the default Strategy).
 ///
-/// The flattened vector is split evenly among the members that are not in client mode; member
-/// r reduces part r. Every member sends each chunk of part r to member r, which accumulates the
+/// The flattened vector is split among the members that are not in client mode (evenly, or in
+/// proportion to the bandwidths they announced: partition()); member r reduces part r. Every
+/// member but an auxiliary one sends each chunk of part r to member r, which accumulates the
 /// weighted sum, waits for all senders (or sender_timeout after the chunk's first arrival, then
 /// averages those that came), and answers every sender with the same encoded average, so all
-/// members end with identical values even under lossy compression. A member applies nothing
-/// unless every chunk of every part came back.
+/// members end with identical values even under lossy compression. A chunk whose reducer
+/// fails (dies, does not answer within reducer_timeout, or answers with an error) keeps the
+/// sender's own values, and Reduced::unaveraged names it (hivemind's rule); the round fails
+/// only when no chunk at all came back.
 struct Butterfly {
   /// The strategy's name (in logs).
   static constexpr std::string_view name = "butterfly";
@@ -85,27 +105,44 @@ struct Butterfly {
     /// A runner that talks through `rpc`.
     explicit Runner(std::shared_ptr<net::Rpc<T>> rpc) : rpc_(std::move(rpc)) {}
 
-    /// The group's weighted average of `flat` (float32, one dimension). Throws hive::Error when
-    /// any part fails; the caller then keeps its tensors.
-    asio::awaitable<at::Tensor> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
+    /// The group's weighted average of `flat` (float32, one dimension), with the ranges that
+    /// kept this peer's values (see Butterfly). Throws hive::Error when nothing was averaged
+    /// (errc::round_failed, errc::timeout, errc::shutdown); the caller then keeps its tensors.
+    /// An auxiliary member serves its part until every chunk of it is averaged and returns
+    /// `flat` as it was.
+    asio::awaitable<Reduced> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
       HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
       HIVE_CHECK(group.my_index < group.size(), "member index {} outside a group of {}", group.my_index, group.size());
       flat = flat.contiguous();
       const auto reducers = group.reducers();
       HIVE_CHECK(!reducers.empty(), "a group of client-mode peers only cannot average");
-      const auto parts = split_evenly(flat.numel(), reducers.size());
+      HIVE_CHECK(group.senders() > 0, "a group of auxiliary peers only has nothing to average");
+      const auto parts = partition(group, flat.numel());
       const auto deadline = deadline_after(s.timeout);
+      std::shared_ptr<Reduction> mine;
       for (std::size_t p = 0; p < reducers.size(); ++p)
-        if (reducers[p] == group.my_index) add_reduction(group, parts[p], s);
+        if (reducers[p] == group.my_index) mine = add_reduction(group, parts[p], s);
+      if (group.members[group.my_index].auxiliary) {
+        // Nothing to send: serve this peer's part until each chunk is averaged (or fails).
+        if (mine)
+          for (auto& c : mine->chunks) {
+            co_await c->finished.wait(deadline);
+            if (closed_) throw Error(errc::shutdown, "the averager is shutting down");
+          }
+        co_return Reduced{flat, {}};
+      }
 
       struct Round {
         at::Tensor result;
         std::size_t pending = 0;
+        std::size_t averaged = 0;
         std::string error;
+        std::vector<Range> unaveraged;
+        bool shutdown = false;
         detail::Event done;
       };
       auto round = std::make_shared<Round>();
-      round->result = at::empty_like(flat);
+      round->result = flat.clone();
       struct Send {
         std::size_t member;
         std::size_t chunk;
@@ -124,6 +161,7 @@ struct Butterfly {
         const auto range = sd.range;
         auto send = [self, round, group, member, range, chunk_index, weight, s, deadline,
                      piece = flat.slice(0, range.begin, range.end)]() -> asio::awaitable<void> {
+          bool ok = false;
           try {
             at::Tensor averaged;
             if (member == group.my_index) {
@@ -135,8 +173,8 @@ struct Butterfly {
               request.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", chunk_index},
                                 {"weight", weight}, {"compression", s.compression}};
               add_tensors(request, {piece}, s.compression);
-              const auto left = std::chrono::duration_cast<Seconds>(deadline - SteadyClock::now());
-              auto op = self->rpc_->co_call(group.members[member].address, std::string(part_method), std::move(request),
+              const auto left = std::min(std::chrono::duration_cast<Seconds>(deadline - SteadyClock::now()), s.reducer_timeout);
+              auto op = self->rpc_->co_call(group.members[member].address, s.method, std::move(request),
                                             std::max(left, Seconds(0.001)));
               auto reply = co_await std::move(op);
               auto tensors = get_tensors(reply, s.limits);
@@ -146,20 +184,32 @@ struct Butterfly {
               averaged = tensors[0];
             }
             round->result.slice(0, range.begin, range.end).copy_(averaged.reshape({-1}));
+            ok = true;
           } catch (const std::exception& e) {
+            // The chunk keeps this peer's values (round->result started as a copy of flat).
             if (round->error.empty())
               round->error = fmt::format("chunk {} of member {} ({}): {}", chunk_index, member,
                                          member == group.my_index ? "this peer" : group.members[member].address, e.what());
-            round->done.set();
+            if (const auto* se = dynamic_cast<const std::system_error*>(&e); se && se->code() == errc::shutdown)
+              round->shutdown = true;
+            round->unaveraged.push_back(range);
           }
+          if (ok) ++round->averaged;
           if (--round->pending == 0) round->done.set();
         };
         asio::co_spawn(rpc_->get_executor(), std::move(send), asio::detached);
       }
-      const bool finished = co_await round->done.wait(deadline);
-      if (!round->error.empty()) throw Error(errc::round_failed, round->error);
+      // Every send is bounded by the deadline; the extra second lets the last ones report.
+      const bool finished = co_await round->done.wait(deadline + std::chrono::seconds(1));
+      if (closed_ || round->shutdown) throw Error(errc::shutdown, "the averager is shutting down");
       if (!finished) throw Error(errc::timeout, fmt::format("all-reduce did not finish within {:.1f} s", s.timeout.count()));
-      co_return round->result;
+      if (round->averaged == 0) throw Error(errc::round_failed, round->error);
+      if (!round->unaveraged.empty())
+        log::info("averaging", "round {}: {} of {} chunks kept local values (first: {})", group.group_id,
+                  round->unaveraged.size(), sends.size(), round->error);
+      std::sort(round->unaveraged.begin(), round->unaveraged.end(),
+                [](const Range& a, const Range& b) { return a.begin < b.begin; });
+      co_return Reduced{round->result, std::move(round->unaveraged)};
     }
 
     /// Serves part_method: adds a sender's chunk to this peer's reduction and answers with the
@@ -208,7 +258,9 @@ struct Butterfly {
       detail::Event finished;
     };
     struct Reduction {
-      std::size_t senders = 0;
+      std::size_t senders = 0;   // members of the group (valid sender indices)
+      std::size_t expected = 0;  // members that send (all but auxiliary ones)
+      std::vector<bool> auxiliary;
       std::vector<std::unique_ptr<Chunk>> chunks;
       Deadline created;
       Deadline deadline;
@@ -216,12 +268,14 @@ struct Butterfly {
       Compression compression = Compression::none;
     };
 
-    void add_reduction(const GroupInfo& group, Range part, const AllReduceSettings& s) {
+    std::shared_ptr<Reduction> add_reduction(const GroupInfo& group, Range part, const AllReduceSettings& s) {
       // Finished reductions are kept a while for late or duplicate chunks, then dropped.
       const auto now = SteadyClock::now();
       std::erase_if(reductions_, [&](const auto& kv) { return now > kv.second->deadline + s.timeout; });
       auto r = std::make_shared<Reduction>();
       r->senders = group.size();
+      r->expected = group.senders();
+      for (const auto& m : group.members) r->auxiliary.push_back(m.auxiliary);
       r->created = now;
       r->deadline = deadline_after(s.timeout);
       r->sender_timeout = s.sender_timeout;
@@ -232,8 +286,9 @@ struct Butterfly {
         c->arrived.assign(group.size(), false);
         r->chunks.push_back(std::move(c));
       }
-      reductions_[group.group_id] = std::move(r);
+      reductions_[group.group_id] = r;
       registered_.notify_all();
+      return r;
     }
 
     static void finish(Reduction& r, Chunk& c) {
@@ -265,6 +320,8 @@ struct Butterfly {
       }
       if (sender >= r->senders)
         throw Error(errc::invalid_argument, fmt::format("sender {} outside a group of {}", sender, r->senders));
+      if (r->auxiliary[sender])
+        throw Error(errc::invalid_argument, fmt::format("sender {} is an auxiliary member, which sends nothing", sender));
       if (chunk >= r->chunks.size())
         throw Error(errc::invalid_argument, fmt::format("chunk {} outside this part's {} chunks", chunk, r->chunks.size()));
       if (!std::isfinite(weight) || weight < 0)
@@ -288,7 +345,7 @@ struct Butterfly {
         c.sum = at::zeros({c.range.size()}, at::kFloat);
       }
       if (!c.first_arrival) c.first_arrival = SteadyClock::now();
-      if (c.count == r->senders) finish(*r, c);
+      if (c.count == r->expected) finish(*r, c);
       const auto until = std::min(r->deadline, *c.first_arrival + std::chrono::duration_cast<SteadyClock::duration>(r->sender_timeout));
       while (!c.done && !closed_) {
         if (SteadyClock::now() >= until) {

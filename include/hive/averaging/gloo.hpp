@@ -78,7 +78,7 @@ struct Gloo {
     /// The group's weighted average of `flat` (float32, one dimension). Throws hive::Error
     /// (errc::round_failed, errc::timeout, errc::invalid_argument) when the round fails; the
     /// caller then keeps its tensors.
-    asio::awaitable<at::Tensor> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
+    asio::awaitable<Reduced> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
       HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
       HIVE_CHECK(group.my_index < group.size(), "member index {} outside a group of {}", group.my_index, group.size());
       HIVE_CHECK(s.compression == Compression::none || s.compression == Compression::float16,
@@ -100,7 +100,7 @@ struct Gloo {
       } else {
         Message ask;
         ask.header = {{"group", group.group_id}, {"store", true}};
-        auto op = rpc_->co_call(group.members[0].address, std::string(part_method), std::move(ask), remaining(deadline));
+        auto op = rpc_->co_call(group.members[0].address, s.method, std::move(ask), remaining(deadline));
         auto reply = co_await std::move(op);
         const auto& h = reply.header;
         if (!h.is_object() || !h.contains("port") || !h["port"].is_number_unsigned() || h["port"].template get<std::uint64_t>() == 0 ||
@@ -163,7 +163,7 @@ struct Gloo {
       const auto n = shared->result.numel() - 1;
       const double total = shared->result[n].template item<double>();
       if (!(total > 0)) throw Error(errc::round_failed, "every member gave weight 0");
-      co_return shared->result.slice(0, 0, n).div(total);
+      co_return Reduced{shared->result.slice(0, 0, n).div(total), {}};
     }
 
     /// Serves part_method for Gloo rounds: answers a member's {"group", "store": true} with

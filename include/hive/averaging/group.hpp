@@ -7,15 +7,24 @@
 #include <hive/core/id.hpp>
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 namespace hive::averaging {
+
+/// The name under which the averager of run `prefix` serves `method` ("avg.part:my_run"), so
+/// that averagers of different runs share one DHT peer.
+[[nodiscard]] inline std::string method_for(std::string_view method, std::string_view prefix) {
+  return fmt::format("{}:{}", method, prefix);
+}
 
 /// One member of an averaging group.
 struct Member {
@@ -23,19 +32,33 @@ struct Member {
   std::string address;
   /// True for a member that sends its tensors but averages no part (it cannot be called).
   bool client_mode = false;
+  /// True for an auxiliary member: it averages a part but sends no tensors of its own (it
+  /// holds no model).
+  bool auxiliary = false;
+  /// The bandwidth it announced (any unit, the same for every member); its part's share is in
+  /// proportion when every reducer announced one (> 0), else the parts are equal.
+  double bandwidth = 0;
   /// What the member attached to the round (see DecentralizedAverager::step).
   nlohmann::json gathered;
 };
 
-/// Writes a member as {"address", "client_mode", "gathered"}.
+/// Writes a member as {"address", "client_mode", "auxiliary", "bandwidth", "gathered"}.
 inline void to_json(nlohmann::json& j, const Member& m) {
-  j = {{"address", m.address}, {"client_mode", m.client_mode}, {"gathered", m.gathered}};
+  j = {{"address", m.address},     {"client_mode", m.client_mode}, {"auxiliary", m.auxiliary},
+       {"bandwidth", m.bandwidth}, {"gathered", m.gathered}};
 }
 
-/// Reads a member; throws nlohmann::json exceptions on a malformed one.
+/// Reads a member; throws nlohmann::json exceptions on a malformed one (a bandwidth that is
+/// not a finite number >= 0, an auxiliary member in client mode).
 inline void from_json(const nlohmann::json& j, Member& m) {
   m.address = j.at("address").get<std::string>();
   m.client_mode = j.at("client_mode").get<bool>();
+  m.auxiliary = j.contains("auxiliary") ? j["auxiliary"].get<bool>() : false;
+  m.bandwidth = j.contains("bandwidth") ? j["bandwidth"].get<double>() : 0.0;
+  if (!std::isfinite(m.bandwidth) || m.bandwidth < 0)
+    throw nlohmann::json::other_error::create(501, "a member's bandwidth must be a finite number >= 0", &j);
+  if (m.auxiliary && m.client_mode)
+    throw nlohmann::json::other_error::create(501, "a member cannot be both auxiliary and in client mode", &j);
   m.gathered = j.contains("gathered") ? j["gathered"] : nlohmann::json();
 }
 
@@ -56,6 +79,12 @@ struct GroupInfo {
     for (std::size_t i = 0; i < members.size(); ++i)
       if (!members[i].client_mode) out.push_back(i);
     return out;
+  }
+  /// Number of members that send their tensors (all but auxiliary members).
+  [[nodiscard]] std::size_t senders() const {
+    std::size_t n = 0;
+    for (const auto& m : members) n += m.auxiliary ? 0 : 1;
+    return n;
   }
 };
 
@@ -81,6 +110,46 @@ struct Range {
     begin += size;
   }
   return out;
+}
+
+/// Splits `total` elements into contiguous ranges in proportion to `shares` (every member
+/// derives the same ranges from the same shares): each range gets the floor of its exact
+/// share, and the elements left over go one each to the largest remainders (ties to the
+/// earlier range). Equal parts (split_evenly) when any share is not a finite number > 0.
+[[nodiscard]] inline std::vector<Range> split_in_proportion(std::int64_t total, const std::vector<double>& shares) {
+  HIVE_CHECK(!shares.empty(), "cannot split a vector into 0 parts");
+  double sum = 0;
+  for (double s : shares) {
+    if (!std::isfinite(s) || s <= 0) return split_evenly(total, shares.size());
+    sum += s;
+  }
+  std::vector<std::int64_t> sizes(shares.size());
+  std::vector<std::pair<double, std::size_t>> remainders;
+  std::int64_t given = 0;
+  for (std::size_t i = 0; i < shares.size(); ++i) {
+    const long double exact = static_cast<long double>(total) * shares[i] / sum;
+    sizes[i] = std::min<std::int64_t>(total, static_cast<std::int64_t>(std::floor(exact)));
+    given += sizes[i];
+    remainders.emplace_back(-static_cast<double>(exact - static_cast<long double>(sizes[i])), i);
+  }
+  std::sort(remainders.begin(), remainders.end());
+  for (std::size_t k = 0; given < total; k = (k + 1) % remainders.size(), ++given) ++sizes[remainders[k].second];
+  std::vector<Range> out(shares.size());
+  std::int64_t begin = 0;
+  for (std::size_t i = 0; i < shares.size(); ++i) {
+    out[i] = {begin, begin + sizes[i]};
+    begin += sizes[i];
+  }
+  return out;
+}
+
+/// The parts of a group's vector of `total` elements, one per reducer (GroupInfo::reducers()),
+/// in proportion to the reducers' announced bandwidths (split_in_proportion).
+[[nodiscard]] inline std::vector<Range> partition(const GroupInfo& group, std::int64_t total) {
+  std::vector<double> shares;
+  for (auto r : group.reducers()) shares.push_back(group.members[r].bandwidth);
+  HIVE_CHECK(!shares.empty(), "a group of client-mode peers only cannot average");
+  return split_in_proportion(total, shares);
 }
 
 /// The chunks of `range`, each at most `chunk` elements (one empty chunk for an empty range,

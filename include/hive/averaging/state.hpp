@@ -71,10 +71,12 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
   using Provider = std::function<State()>;
 
   /// Shares and downloads under DHT `key` through `node`; `address` is where others reach this
-  /// peer (empty for a peer nobody can connect to, which can only download).
+  /// peer (empty for a peer nobody can connect to, which can only download). `method` is the
+  /// RPC method of the sharing peers (an averager's is method_for(state_method, prefix)).
   StateSharing(std::shared_ptr<typename dht_type::node_type> node, std::string key, std::string address,
-               StateSharingOptions options = {})
+               StateSharingOptions options = {}, std::string method = std::string(state_method))
       : options_(std::move(options)),
+        method_(std::move(method)),
         node_(std::move(node)),
         rpc_(node_->rpc()),
         key_(std::move(key)),
@@ -94,9 +96,13 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
     asio::co_spawn(rpc_->get_executor(), [self]() -> asio::awaitable<void> { co_await self->declare_loop(); },
                    asio::detached);
   }
-  /// Changes the announced priority (higher is preferred); it reaches the DHT with the next
-  /// announcement. Any thread.
-  void set_priority(double priority) noexcept { priority_.store(priority); }
+  /// Changes the announced priority (higher is preferred); a changed priority is announced at
+  /// once (in the background). Any thread.
+  void set_priority(double priority) {
+    if (priority_.exchange(priority) == priority) return;
+    // Wakes the announcement loop, which stores the new priority and waits again.
+    asio::post(rpc_->get_executor(), [self = this->shared_from_this()] { self->timer_.cancel(); });
+  }
 
   /// Stops announcing and answering (on the strand); drops the snapshots. Idempotent.
   void close() {
@@ -220,7 +226,7 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
           request.header = {{"offset", offset}};
           if (!snapshot.empty()) request.header["snapshot"] = snapshot;
           const auto left = std::chrono::duration_cast<Seconds>(end - SteadyClock::now());
-          auto op = rpc_->co_call(peer, std::string(state_method), std::move(request), std::max(left, Seconds(0.001)));
+          auto op = rpc_->co_call(peer, method_, std::move(request), std::max(left, Seconds(0.001)));
           Message reply = co_await std::move(op);
           const auto& h = reply.header;
           if (!h.is_object() || !h.contains("snapshot") || !h["snapshot"].is_string() || !h.contains("total") ||
@@ -247,6 +253,7 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
   }
 
   StateSharingOptions options_;
+  std::string method_;
   std::shared_ptr<typename dht_type::node_type> node_;
   std::shared_ptr<net::Rpc<T>> rpc_;
   std::string key_;

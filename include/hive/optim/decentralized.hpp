@@ -18,6 +18,26 @@
 
 namespace hive::optim {
 
+/// A torch optimizer's state as bytes (torch serialization) in a uint8 tensor, as the
+/// optimizers of this directory share it with newcomers.
+inline at::Tensor optimizer_state_bytes(torch::optim::Optimizer& optimizer) {
+  std::ostringstream out;
+  torch::serialize::OutputArchive archive;
+  optimizer.save(archive);
+  archive.save_to(out);
+  const auto bytes = out.str();
+  return at::from_blob(const_cast<char*>(bytes.data()), {static_cast<std::int64_t>(bytes.size())}, at::kByte).clone();
+}
+
+/// Loads what optimizer_state_bytes() wrote into `optimizer`; c10::Error for unreadable bytes.
+inline void load_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& bytes_tensor) {
+  const auto bytes = bytes_tensor.contiguous();
+  std::istringstream in(std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel())));
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  optimizer.load(archive);
+}
+
 /// Run-time knobs of a DecentralizedOptimizer.
 struct DecentralizedOptions {
   /// Sets the name of the run (peers with the same prefix average together); stored in
@@ -157,11 +177,7 @@ class DecentralizedOptimizer {
     std::lock_guard state_lock(state_mutex_);
     at::NoGradGuard no_grad;
     for (std::size_t i = 0; i < params_.size(); ++i) params_[i].detach().copy_(state->tensors[i]);
-    const auto bytes = state->tensors.back().contiguous();
-    std::istringstream in(std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel())));
-    torch::serialize::InputArchive archive;
-    archive.load_from(in);
-    inner_.load(archive);
+    load_optimizer_state(inner_, state->tensors.back());
     std::lock_guard lock(mutex_);
     const nlohmann::json step = state->metadata.is_object() ? state->metadata.value("step", nlohmann::json(0)) : nlohmann::json(0);
     stats_.local_step = step.is_number_unsigned() ? step.template get<std::size_t>() : 0;
@@ -366,12 +382,7 @@ class DecentralizedOptimizer {
     averaging::State s;
     s.metadata = {{"step", stats().local_step}};
     for (const auto& p : params_) s.tensors.push_back(p.detach().clone());
-    std::ostringstream out;
-    torch::serialize::OutputArchive archive;
-    inner_.save(archive);
-    archive.save_to(out);
-    const auto bytes = out.str();
-    s.tensors.push_back(at::from_blob(const_cast<char*>(bytes.data()), {static_cast<std::int64_t>(bytes.size())}, at::kByte).clone());
+    s.tensors.push_back(optimizer_state_bytes(inner_));
     return s;
   }
 

@@ -99,7 +99,8 @@ class Replica {
     dht_ = std::make_unique<dht_type>(options_.dht(), std::move(transport_options));
     publisher_ = std::make_unique<Publisher<M>>(std::move(model), PublisherOptions().every_steps(0).every_seconds(Seconds(0)));
     sharing_ = std::make_shared<averaging::StateSharing<T, R>>(
-        dht_->node(), averaging::GroupKeys(options_.serving().prefix(), "").state_key(), std::string());
+        dht_->node(), averaging::GroupKeys(options_.serving().prefix(), "").state_key(), std::string(),
+        averaging::StateSharingOptions(), averaging::method_for(averaging::state_method, options_.serving().prefix()));
     update();
     server_ = std::make_unique<server_type>(*publisher_, *dht_, std::move(input), options_.serving());
     follower_ = std::thread([this] { follow(); });
