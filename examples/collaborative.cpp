@@ -47,13 +47,15 @@ number of samples, and prints both accuracies.
   --local_steps H         diloco: inner steps per outer step (default 25)
   --outer_lr X            diloco: learning rate of the outer SGD, Nesterov momentum 0.9 (default 0.5;
                           DiLoCo's 0.7 overshoots in a run of few outer steps)
-  --lr X                  learning rate of the (inner) SGD (default 0.1; diloco and
-                          --delay_grad_averaging 0.05)
-  --momentum M            momentum of the SGD (default 0.9; --delay_grad_averaging 0.5)
+  --lr X                  learning rate of the (inner) SGD (default 0.1; diloco and the
+                          --delay_* flags 0.05)
+  --momentum M            momentum of the SGD (default 0.9; the --delay_* flags 0.5)
   --compression C         none|float16|uniform8|quantile8 for gradients / pseudo-gradients (default none)
   --power_sgd_rank R      collaborative: average gradients with PowerSGD of rank R (default 0: off)
   --delay_grad_averaging  collaborative: average in the background while computing (steps
                           then apply one-step-old gradients: hence the gentler defaults)
+  --delay_optimizer_step  collaborative: run the optimizer step in the background too, on an
+                          offloaded copy of the parameters (with the gentler defaults as well)
   --no_late_joiner        every peer starts at once
   --no_leaver             no peer leaves
 )";
@@ -64,7 +66,7 @@ struct Flags {
   std::int64_t train_samples = 24000, batch = 32, target = 256, local_steps = 25, power_sgd_rank = 0;
   double lr = -1, momentum = -1, outer_lr = 0.5;
   hive::Compression compression = hive::Compression::none;
-  bool delay = false, late_joiner = true, leaver = true;
+  bool delay = false, delay_step = false, late_joiner = true, leaver = true;
 };
 
 Flags parse(int argc, char** argv) {
@@ -91,6 +93,7 @@ Flags parse(int argc, char** argv) {
     else if (flag == "--compression") f.compression = nlohmann::json(value()).get<hive::Compression>();
     else if (flag == "--power_sgd_rank") f.power_sgd_rank = std::stoll(value());
     else if (flag == "--delay_grad_averaging") f.delay = true;
+    else if (flag == "--delay_optimizer_step") f.delay_step = true;
     else if (flag == "--no_late_joiner") f.late_joiner = false;
     else if (flag == "--no_leaver") f.leaver = false;
     else throw hive::InvalidArgument(fmt::format("unknown flag {} (see --help)", argv[i]));
@@ -100,7 +103,7 @@ Flags parse(int argc, char** argv) {
   HIVE_CHECK(f.passes >= 1 && f.batch >= 1 && f.target >= f.batch && f.local_steps >= 1, "--passes, --batch, --local_steps >= 1, "
              "--target_batch_size >= --batch");
   HIVE_CHECK(f.train_samples >= f.peers * f.batch, "--train_samples must give every peer at least one batch");
-  const bool delayed = f.mode == "collaborative" && f.delay;
+  const bool delayed = f.mode == "collaborative" && (f.delay || f.delay_step);
   if (f.lr < 0) f.lr = f.mode == "diloco" || delayed ? 0.05 : 0.1;
   if (f.momentum < 0) f.momentum = delayed ? 0.5 : 0.9;
   HIVE_CHECK(f.momentum < 1, "--momentum must be below 1");
@@ -239,7 +242,8 @@ int main(int argc, char** argv) try {
                            .load_state_timeout(Seconds(60))
                            .grad_compression(f.compression)
                            .power_sgd_rank(f.power_sgd_rank)
-                           .delay_grad_averaging(f.delay);
+                           .delay_grad_averaging(f.delay)
+                           .delay_optimizer_step(f.delay_step);
         options.averager().sender_timeout(Seconds(2)).reducer_timeout(Seconds(5));
         options.progress().min_refresh_period(Seconds(0.1)).max_refresh_period(Seconds(1)).expiration(Seconds(10));
         optim::CollaborativeOptimizer<> opt(sgd, dht, options);

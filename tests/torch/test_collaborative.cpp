@@ -245,6 +245,7 @@ struct SwarmRun {
   std::string run_id;
   std::int64_t power_sgd_rank = 0;
   bool delay_grad_averaging = false;
+  bool delay_optimizer_step = false;
   bool kill_one = false;  // peer 3 dies (its connections close) in the middle of training
   bool late_joiner = false;  // peer 3 starts after the others' first epochs and loads the state
   // SGD of every peer and of the reference. At lr 0.2 the final accuracy of this model swings
@@ -289,7 +290,8 @@ void check_swarm(const SwarmRun& run, double points) {
                          .averaging_timeout(Seconds(10))
                          .load_state_timeout(Seconds(20))
                          .power_sgd_rank(run.power_sgd_rank)
-                         .delay_grad_averaging(run.delay_grad_averaging);
+                         .delay_grad_averaging(run.delay_grad_averaging)
+                         .delay_optimizer_step(run.delay_optimizer_step);
       options.averager().target_group_size(peers).sender_timeout(Seconds(1)).reducer_timeout(Seconds(3));
       options.progress().min_refresh_period(Seconds(0.01)).max_refresh_period(Seconds(0.5)).expiration(Seconds(5));
       const std::int64_t epochs = n * passes / target;  // the reference's steps
@@ -381,6 +383,53 @@ TEST_CASE("collaborative: a member killed mid-run, and a late joiner that loads 
 
 TEST_CASE("collaborative: delay_grad_averaging within 3 points of one machine with one-step-old gradients") {
   check_swarm({.run_id = "collab_delay", .delay_grad_averaging = true, .lr = 0.05, .momentum = 0.5}, 3.0);
+}
+
+TEST_CASE("collaborative: delay_optimizer_step with delay_grad_averaging within 3 points of one machine with one-step-old gradients") {
+  check_swarm({.run_id = "collab_offload", .delay_grad_averaging = true, .delay_optimizer_step = true, .lr = 0.05, .momentum = 0.5},
+              3.0);
+}
+
+TEST_CASE("collaborative: delay_optimizer_step steps an offloaded copy and applies the change at the next step()") {
+  auto dhts = swarm(1);
+  auto model = small_model(3);
+  torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(0.5));
+  std::vector<std::int64_t> epochs;
+  optim::CollaborativeOptimizer<> opt(
+      sgd, *dhts[0], optim::CollaborativeOptions().run_id("offload").target_batch_size(16).delay_optimizer_step(true),
+      [&](std::int64_t e) { epochs.push_back(e); });
+  auto x = at::randn({16, 784});
+  auto y = at::randint(0, 10, {16});
+  std::vector<at::Tensor> before, expected;
+  for (auto& p : model->parameters()) before.push_back(p.detach().clone());
+  auto train_step = [&] {
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(model->forward(x), y).backward();
+  };
+  train_step();
+  for (std::size_t i = 0; i < before.size(); ++i) expected.push_back(before[i] - 0.5 * model->parameters()[i].grad());
+  opt.step(16);  // ends epoch 1: its step runs in the background
+  CHECK(opt.epoch() == 1);
+  auto params = model->parameters();
+  for (std::size_t i = 0; i < params.size(); ++i) CHECK(at::equal(params[i].detach(), before[i]));
+  CHECK(epochs.empty());
+  // The wrapped optimizer steps copies: stepping it does not move the model.
+  CHECK(!sgd.param_groups()[0].params()[0].is_same(params[0]));
+  train_step();
+  opt.step(16);  // applies epoch 1's step, then ends epoch 2 (applied by the next step())
+  for (std::size_t i = 0; i < params.size(); ++i) CHECK(at::allclose(params[i].detach(), expected[i], 1e-5, 1e-6));
+  CHECK(epochs == std::vector<std::int64_t>{1});
+  // zero_grad() clears the model's gradients, not only the copies'.
+  opt.zero_grad();
+  for (auto& p : params) CHECK((!p.grad().defined() || p.grad().abs().sum().item<double>() == 0));
+  // An optimizer that already stepped holds state of the model's tensors: refused.
+  auto other = small_model(4);
+  torch::optim::SGD stepped(other->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  torch::nn::functional::cross_entropy(other->forward(x), y).backward();
+  stepped.step();
+  CHECK_THROWS_AS(optim::CollaborativeOptimizer<>(stepped, *dhts[0],
+                                                  optim::CollaborativeOptions().run_id("offload2").delay_optimizer_step(true)),
+                  InvalidArgument);
 }
 
 TEST_CASE("collaborative: a model of other shapes under the same run is refused with a clear error") {

@@ -4,8 +4,9 @@
 /// have processed target_batch_size samples (hivemind's Optimizer), so that training matches
 /// large-batch training however many peers come and go.
 ///
-/// Over 400 lines because the epoch's end has three forms (in step(), delayed to a background
-/// averaging, or an auxiliary peer's loop) that share the same buffers and locks.
+/// Over 400 lines because the epoch's end has four forms (in step(), delayed to a background
+/// averaging, an optimizer step on offloaded parameters, or an auxiliary peer's loop) that
+/// share the same buffers and locks.
 
 #include <hive/fwd.hpp>
 #include <hive/averaging/averager.hpp>
@@ -48,6 +49,11 @@ struct CollaborativeOptions {
   /// optimizer: one machine with one-step-old gradients reaches 22.8% instead of 81.25% at
   /// lr 0.2 and momentum 0.9, 81.4% instead of 82.9% at lr 0.05 and momentum 0.5.
   HIVE_ARG(bool, delay_grad_averaging, false);
+  /// Run the wrapped optimizer's step in the background, on an offloaded copy of the
+  /// parameters (the optimizer is moved onto the copy at construction, so it must not have
+  /// stepped yet); the next step() adds the change to the model's parameters. With
+  /// delay_grad_averaging the round and the step both overlap the next epoch's compute.
+  HIVE_ARG(bool, delay_optimizer_step, false);
   /// Compression of the averaged gradients (with power_sgd_rank > 0: of the P and Q factors).
   HIVE_ARG(Compression, grad_compression, Compression::none);
   /// Compression of the averaged parameters.
@@ -68,7 +74,7 @@ struct CollaborativeOptions {
   /// run_id and target_batch_size).
   HIVE_ARG(ProgressOptions, progress, ProgressOptions{});
   HIVE_OPTIONS_JSON(CollaborativeOptions, run_id, target_batch_size, batch_size_per_step, matchmaking_time, averaging_timeout,
-                    load_state_timeout, average_state_every, delay_grad_averaging, grad_compression, state_compression,
+                    load_state_timeout, average_state_every, delay_grad_averaging, delay_optimizer_step, grad_compression, state_compression,
                     power_sgd_rank, client_mode, auxiliary, verbose, averager, progress)
 };
 
@@ -136,6 +142,7 @@ class CollaborativeOptimizer {
       grads_.push_back(at::zeros_like(p.detach(), at::kFloat));
       state_.push_back(p.detach().clone());
     }
+    if (options_.delay_optimizer_step()) offload();
     const auto& run = options_.run_id();
     auto base = options_.averager();
     base.matchmaking_time(options_.matchmaking_time())
@@ -160,9 +167,10 @@ class CollaborativeOptimizer {
                                                        options_.auxiliary());
     if (!client_mode_ && !options_.auxiliary()) state_averager_->set_state_provider([this] { return current_state(); }, 0);
     worker_ = std::thread([this] { background(); });
-    // Delayed gradient rounds get a thread of their own: behind a parameter round they would
-    // miss the others' matchmaking.
-    if (options_.delay_grad_averaging()) grad_worker_ = std::thread([this] { background_grads(); });
+    // Delayed gradient rounds and offloaded steps get a thread of their own: behind a
+    // parameter round they would miss the others' matchmaking.
+    if (options_.delay_grad_averaging() || options_.delay_optimizer_step())
+      grad_worker_ = std::thread([this] { background_grads(); });
   }
   CollaborativeOptimizer(const CollaborativeOptimizer&) = delete;
   CollaborativeOptimizer& operator=(const CollaborativeOptimizer&) = delete;
@@ -212,8 +220,19 @@ class CollaborativeOptimizer {
     if (joining || tracker_->progress().ready()) end_epoch();
   }
 
-  /// Zeroes the wrapped optimizer's gradients.
-  void zero_grad() { inner_.zero_grad(); }
+  /// Zeroes the gradients of the model's parameters (the wrapped optimizer's own, unless
+  /// delay_optimizer_step moved it onto offloaded copies).
+  void zero_grad() {
+    if (offloaded_.empty()) {
+      inner_.zero_grad();
+      return;
+    }
+    for (auto& p : params_)
+      if (p.grad().defined()) {
+        p.mutable_grad().detach_();
+        p.mutable_grad().zero_();
+      }
+  }
 
   /// Downloads parameters, optimizer state and epoch from the best peer (within
   /// load_state_timeout); drops the samples accumulated here. False when no peer shares a
@@ -235,7 +254,10 @@ class CollaborativeOptimizer {
     std::lock_guard state_lock(state_mutex_);
     at::NoGradGuard no_grad;
     for (std::size_t i = 0; i < params_.size(); ++i) params_[i].detach().copy_(state->tensors[i]);
-    load_optimizer_state(inner_, state->tensors.back());
+    {
+      std::lock_guard optimizer_lock(optimizer_mutex_);
+      load_optimizer_state(inner_, state->tensors.back());
+    }
     for (auto& a : accumulated_) a.zero_();
     std::lock_guard lock(mutex_);
     const auto before = stats_.epoch;
@@ -243,7 +265,7 @@ class CollaborativeOptimizer {
     if (stats_.epoch <= before) next_load_ = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(2 * options_.matchmaking_time());
     stats_.samples = 0;
     ++stats_.states_loaded;
-    grad_pending_ = state_pending_ = false;
+    grad_pending_ = state_pending_ = step_pending_ = false;
     tracker_->report(stats_.epoch, 0);
     return true;
   }
@@ -334,6 +356,7 @@ class CollaborativeOptimizer {
     double samples = 0;
     {
       std::lock_guard state_lock(state_mutex_);
+      std::lock_guard optimizer_lock(optimizer_mutex_);
       std::lock_guard grads_lock(grads_mutex());
       std::lock_guard lock(mutex_);
       samples = static_cast<double>(stats_.samples);
@@ -341,6 +364,12 @@ class CollaborativeOptimizer {
         grads_[i].copy_(accumulated_[i]);
         if (samples > 0) grads_[i].div_(samples);
         accumulated_[i].zero_();
+      }
+      // The offloaded step starts from the parameters as they are now; the change it makes is
+      // added to them later, whatever a parameter round adds meanwhile.
+      for (std::size_t i = 0; i < offloaded_.size(); ++i) {
+        offloaded_[i].detach().copy_(params_[i].detach());
+        step_base_[i].copy_(params_[i].detach());
       }
       stats_.samples = 0;
       round_epoch_ = stats_.epoch;
@@ -363,6 +392,16 @@ class CollaborativeOptimizer {
       return;
     }
     run_grad_round();
+    if (!offloaded_.empty()) {
+      std::lock_guard lock(mutex_);
+      step_requested_ = true;
+      cv_.notify_all();
+      return;
+    }
+    {
+      std::lock_guard lock(mutex_);
+      grad_pending_ = true;
+    }
     apply_finished();
     tracker_->report(epoch(), stats().samples);  // the round was a pause, not slow training
     load_if_missed();
@@ -385,7 +424,7 @@ class CollaborativeOptimizer {
     load_state_from_peers();
   }
 
-  // Runs the requested gradient round (on whichever thread), marks its result pending.
+  // Runs the gradient round of the ended epoch (on whichever thread) and records its result.
   void run_grad_round() {
     averaging::StepResult r;
     if (round_alone_) {
@@ -402,20 +441,56 @@ class CollaborativeOptimizer {
       ++stats_.grad_failed;
     }
     last_round_ = r;
-    grad_pending_ = true;
-    grad_requested_ = false;
-    idle_cv_.notify_all();
+  }
+
+  // delay_optimizer_step: the wrapped optimizer steps the offloaded parameters with the
+  // round's gradients (on the background thread); the next step() applies the change.
+  void run_offloaded_step() {
+    averaging::StepResult round;
+    {
+      std::lock_guard lock(mutex_);
+      round = last_round_;
+    }
+    if (!round.ok && !round_alone_ && missed_round()) {
+      std::lock_guard lock(mutex_);
+      load_pending_ = true;  // step() loads the swarm's state instead of stepping alone
+      return;
+    }
+    {
+      std::lock_guard optimizer_lock(optimizer_mutex_);
+      std::lock_guard grads_lock(grads_mutex());
+      at::NoGradGuard no_grad;
+      for (std::size_t i = 0; i < offloaded_.size(); ++i)
+        offloaded_[i].mutable_grad() = grads_[i].to(offloaded_[i].scalar_type()).clone();
+      inner_.step();
+    }
+    std::lock_guard lock(mutex_);
+    step_pending_ = true;
+  }
+
+  // Moves the wrapped optimizer onto copies of the parameters (delay_optimizer_step).
+  void offload() {
+    HIVE_CHECK(inner_.state().empty(),
+               "delay_optimizer_step moves the optimizer onto copies of the parameters: give it one that has not stepped yet");
+    for (auto& group : inner_.param_groups())
+      for (auto& p : group.params()) {
+        auto copy = p.detach().clone().requires_grad_(p.requires_grad());
+        offloaded_.push_back(copy);
+        step_base_.push_back(p.detach().clone());
+        p = copy;
+      }
   }
 
   // The optimizer step of a finished gradient round, and the parameters of a finished state
   // round (p += average - sent); on the training thread.
   void apply_finished() {
-    bool grads = false, state = false;
+    bool grads = false, state = false, stepped = false;
     averaging::StepResult round;
     {
       std::lock_guard lock(mutex_);
       std::swap(grads, grad_pending_);
       std::swap(state, state_pending_);
+      std::swap(stepped, step_pending_);
       round = last_round_;
     }
     if (grads && !round.ok && !round_alone_ && missed_round()) {
@@ -426,6 +501,7 @@ class CollaborativeOptimizer {
     if (grads) {
       {
         std::lock_guard state_lock(state_mutex_);
+        std::lock_guard optimizer_lock(optimizer_mutex_);
         std::lock_guard grads_lock(grads_mutex());
         at::NoGradGuard no_grad;
         std::vector<at::Tensor> kept;
@@ -436,18 +512,16 @@ class CollaborativeOptimizer {
         inner_.step();
         for (std::size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = kept[i];
       }
-      const auto e = epoch();
+      after_step(round);
+    }
+    if (stepped) {
       {
-        std::lock_guard lock(mutex_);
-        applied_epoch_ = e;
+        std::lock_guard state_lock(state_mutex_);
+        std::lock_guard optimizer_lock(optimizer_mutex_);
+        at::NoGradGuard no_grad;
+        for (std::size_t i = 0; i < params_.size(); ++i) params_[i].detach().add_(offloaded_[i].detach() - step_base_[i]);
       }
-      // Newcomers and peers that fell behind load from the most advanced peer.
-      if (!client_mode_) state_averager_->set_state_priority(static_cast<double>(e));
-      if (on_epoch_) on_epoch_(e);
-      log_epoch(e, round);
-      if (options_.average_state_every() > 0 && e % static_cast<std::int64_t>(options_.average_state_every()) == 0 &&
-          !round_alone_)
-        request_state_round();
+      after_step(round);
     }
     if (state) {
       std::lock_guard state_lock(state_mutex_);
@@ -455,6 +529,23 @@ class CollaborativeOptimizer {
       at::NoGradGuard no_grad;
       for (std::size_t i = 0; i < params_.size(); ++i) params_[i].detach().add_(state_[i] - state_sent_[i]);
     }
+  }
+
+  // What follows an optimizer step of the epoch: the state's priority, the schedule, the log
+  // line and the parameter round.
+  void after_step(const averaging::StepResult& round) {
+    const auto e = epoch();
+    {
+      std::lock_guard lock(mutex_);
+      applied_epoch_ = e;
+    }
+    // Newcomers and peers that fell behind load from the most advanced peer.
+    if (!client_mode_) state_averager_->set_state_priority(static_cast<double>(e));
+    if (on_epoch_) on_epoch_(e);
+    log_epoch(e, round);
+    if (options_.average_state_every() > 0 && e % static_cast<std::int64_t>(options_.average_state_every()) == 0 &&
+        !round_alone_)
+      request_state_round();
   }
 
   void request_state_round() {
@@ -482,15 +573,21 @@ class CollaborativeOptimizer {
               took, std::isfinite(g.eta_s) ? g.eta_s : -1.0);
   }
 
-  // The delay_grad_averaging thread: the requested gradient rounds.
+  // The delay_grad_averaging and delay_optimizer_step thread: the requested gradient rounds
+  // and offloaded steps.
   void background_grads() {
     std::unique_lock lock(mutex_);
     for (;;) {
-      cv_.wait(lock, [this] { return stopped_ || grad_requested_; });
+      cv_.wait(lock, [this] { return stopped_ || grad_requested_ || step_requested_; });
       if (stopped_) break;
+      const bool round = grad_requested_;
       lock.unlock();
-      run_grad_round();  // clears grad_requested_
+      if (round) run_grad_round();
+      if (!offloaded_.empty()) run_offloaded_step();
       lock.lock();
+      if (offloaded_.empty()) grad_pending_ = true;  // the training thread steps
+      grad_requested_ = step_requested_ = false;
+      idle_cv_.notify_all();
     }
     idle_cv_.notify_all();
   }
@@ -524,7 +621,7 @@ class CollaborativeOptimizer {
     std::unique_lock lock(mutex_);
     const auto bound = options_.matchmaking_time() + options_.averaging_timeout() + Seconds(5);
     idle_cv_.wait_for(lock, bound, [&] {
-      return stopped_ || (!grad_requested_ && !(state_too && (state_requested_ || state_running_)));
+      return stopped_ || (!grad_requested_ && !step_requested_ && !(state_too && (state_requested_ || state_running_)));
     });
     lock.unlock();
     apply_finished();
@@ -538,6 +635,7 @@ class CollaborativeOptimizer {
       s.metadata = {{"epoch", applied_epoch_}};  // the epoch these parameters are at
     }
     for (const auto& p : params_) s.tensors.push_back(p.detach().clone());
+    std::lock_guard optimizer_lock(optimizer_mutex_);
     s.tensors.push_back(optimizer_state_bytes(inner_));
     return s;
   }
@@ -551,12 +649,15 @@ class CollaborativeOptimizer {
   std::vector<at::Tensor> grads_;        // the gradient averager's tensors
   std::vector<at::Tensor> state_;        // the state averager's tensors
   std::vector<at::Tensor> state_sent_;   // what the running state round sent
+  std::vector<at::Tensor> offloaded_;    // delay_optimizer_step: the parameters the optimizer steps
+  std::vector<at::Tensor> step_base_;    // ... and what they were before its step
   std::unique_ptr<averager_type> grad_averager_;
   std::unique_ptr<averaging::PowerSGDAverager<T, R, A>> powersgd_;
   std::unique_ptr<averager_type> state_averager_;
   std::unique_ptr<ProgressTracker<T, R>> tracker_;
   bool client_mode_ = false;
-  std::mutex state_mutex_;    // the parameters, accumulators and the wrapped optimizer
+  std::mutex state_mutex_;      // the parameters and accumulators
+  std::mutex optimizer_mutex_;  // the wrapped optimizer and the offloaded parameters
   mutable std::mutex mutex_;  // everything below
   std::condition_variable cv_, idle_cv_;
   CollaborativeStats stats_;
@@ -570,6 +671,7 @@ class CollaborativeOptimizer {
   bool load_pending_ = false;
   SteadyClock::time_point next_load_{};  // no state download before this (after one that brought nothing)
   bool grad_requested_ = false, grad_pending_ = false;
+  bool step_requested_ = false, step_pending_ = false;  // delay_optimizer_step
   bool state_requested_ = false, state_running_ = false, state_pending_ = false;
   bool stopped_ = false;
   std::thread worker_, grad_worker_;
