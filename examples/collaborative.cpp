@@ -12,6 +12,7 @@
 #include "common/cli.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/models.hpp"
+#include "common/seeded.hpp"
 
 #include <hive/optim/collaborative.hpp>
 #include <hive/optim/diloco.hpp>
@@ -28,7 +29,6 @@
 #include <cstdlib>
 #include <iostream>
 #include <limits>
-#include <mutex>
 #include <thread>
 
 namespace {
@@ -110,9 +110,11 @@ Flags parse(int argc, char** argv) {
   return f;
 }
 
+// Every peer and the reference start from the same weights.
 torch::nn::Sequential mlp() {
-  torch::manual_seed(7);  // every peer and the reference start from the same weights
-  return torch::nn::Sequential(torch::nn::Linear(784, 128), torch::nn::ReLU(), torch::nn::Linear(128, 10));
+  return hive::examples::seeded(7, [] {
+    return torch::nn::Sequential(torch::nn::Linear(784, 128), torch::nn::ReLU(), torch::nn::Linear(128, 10));
+  });
 }
 
 void train_batch(torch::nn::Sequential& model, const hive::examples::Dataset& data, std::int64_t at, std::int64_t batch) {

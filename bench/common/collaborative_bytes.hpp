@@ -10,6 +10,7 @@
 // the optimizer steps the swarm made, DiLoCo's outer ones).
 
 #include "../../examples/common/fashion_mnist.hpp"
+#include "../../examples/common/seeded.hpp"
 
 #include <hive/net/simulated.hpp>
 #include <hive/optim/collaborative.hpp>
@@ -53,9 +54,11 @@ struct CollaborativeConfig {
   bool diloco = false;
 };
 
+/// The run's model: every peer and the reference start from the same weights.
 inline torch::nn::Sequential collaborative_mlp() {
-  torch::manual_seed(7);
-  return torch::nn::Sequential(torch::nn::Linear(784, 128), torch::nn::ReLU(), torch::nn::Linear(128, 10));
+  return examples::seeded(7, [] {
+    return torch::nn::Sequential(torch::nn::Linear(784, 128), torch::nn::ReLU(), torch::nn::Linear(128, 10));
+  });
 }
 
 /// Runs one configuration; a JSON object with its figures.

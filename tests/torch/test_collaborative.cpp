@@ -2,6 +2,7 @@
 // peer, the progress tracker, PowerSGD, the target-batch-size optimizer and DiLoCo, with
 // convergence checks on Fashion-MNIST against one machine trained on the same samples.
 #include "../../examples/common/fashion_mnist.hpp"
+#include "../../examples/common/seeded.hpp"
 #include "../common/averaging_swarm.hpp"
 #include "../common/wait.hpp"
 
@@ -34,9 +35,12 @@ double max_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }
 
+/// The same weights for the same seed, also when the peers' threads build theirs at once (a
+/// DiLoCo peer whose start differed, since its anchor is its own start, stayed apart).
 torch::nn::Sequential small_model(int seed) {
-  torch::manual_seed(seed);
-  return torch::nn::Sequential(torch::nn::Linear(784, 64), torch::nn::ReLU(), torch::nn::Linear(64, 10));
+  return examples::seeded(static_cast<std::uint64_t>(seed), [] {
+    return torch::nn::Sequential(torch::nn::Linear(784, 64), torch::nn::ReLU(), torch::nn::Linear(64, 10));
+  });
 }
 
 double accuracy(torch::nn::Sequential& model, const examples::Dataset& test) {
