@@ -1,5 +1,6 @@
 // Remote experts: the expert classes, ModuleBackend, the batching scheduler, Server and
 // RemoteExpert over loopback TCP, failures, checkpoints.
+#include "../common/error_of.hpp"
 #include "../common/wait.hpp"
 
 #include <hive/moe/remote_expert.hpp>
@@ -19,6 +20,8 @@
 using namespace hive;
 using namespace std::chrono_literals;
 
+using hive::test::error_of;
+
 namespace {
 
 /// A server on loopback with one DHT peer of its own.
@@ -29,17 +32,6 @@ ServerOptions local_server() {
 /// True when a and b agree to a tolerance scaled by their magnitude.
 bool close_to(const at::Tensor& a, const at::Tensor& b, double tol = 1e-5) {
   return a.sizes() == b.sizes() && at::allclose(a, b, tol, tol);
-}
-
-/// The message of the exception `f` throws, or "" when it throws none.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 /// A unique scratch directory removed at the end of the test.

@@ -12,6 +12,7 @@
 
 #include <asio/dispatch.hpp>
 
+#include <cmath>
 #include <deque>
 #include <future>
 #include <map>
@@ -26,22 +27,106 @@ namespace hive::net {
 
 class Simulated;
 
+/// How the one-way latency of each frame is drawn (SimNetworkOptions::latency).
+enum class LatencyDistribution {
+  uniform,      ///< uniform on [min_latency, max_latency]
+  fixed,        ///< always mean_latency
+  normal,       ///< normal with mean_latency and latency_stddev, negative draws taken as 0
+  exponential,  ///< exponential with mean mean_latency (Learning@home's delay × Weibull(1))
+};
+
+/// The name of a latency distribution ("uniform", "fixed", "normal", "exponential").
+[[nodiscard]] constexpr std::string_view to_string(LatencyDistribution d) noexcept {
+  switch (d) {
+    case LatencyDistribution::uniform: return "uniform";
+    case LatencyDistribution::fixed: return "fixed";
+    case LatencyDistribution::normal: return "normal";
+    case LatencyDistribution::exponential: return "exponential";
+  }
+  return "unknown";
+}
+
+/// The latency distribution named `name`; throws hive::InvalidArgument listing the names.
+[[nodiscard]] inline LatencyDistribution parse_latency_distribution(std::string_view name) {
+  for (auto d : {LatencyDistribution::uniform, LatencyDistribution::fixed, LatencyDistribution::normal,
+                 LatencyDistribution::exponential})
+    if (to_string(d) == name) return d;
+  throw InvalidArgument(fmt::format("unknown latency distribution '{}' (known: uniform, fixed, normal, exponential)", name));
+}
+
+/// Writes a latency distribution as its name.
+inline void to_json(nlohmann::json& j, LatencyDistribution d) { j = to_string(d); }
+
+/// Reads a latency distribution from its name; throws hive::InvalidArgument otherwise.
+inline void from_json(const nlohmann::json& j, LatencyDistribution& d) {
+  if (!j.is_string())
+    throw InvalidArgument(fmt::format("a latency distribution must be a string, got {}", j.type_name()));
+  d = parse_latency_distribution(j.get_ref<const std::string&>());
+}
+
 /// Properties of the emulated network (SimNetwork::Options).
+///
+/// Time is the wall clock: a frame with 0.5 s of latency arrives half a second of real time
+/// later (asio timers), so an experiment with long delays lasts as long as it would on a real
+/// network; waiting costs no CPU, so many peers can wait at once.
 struct SimNetworkOptions {
-  /// Smallest one-way latency of a frame.
+  /// How each frame's one-way latency is drawn.
+  HIVE_ARG(LatencyDistribution, latency, LatencyDistribution::uniform);
+  /// Smallest one-way latency of a frame (uniform only).
   HIVE_ARG(Seconds, min_latency, Seconds(0.0005));
-  /// Largest one-way latency of a frame (uniform between min and max).
+  /// Largest one-way latency of a frame (uniform only).
   HIVE_ARG(Seconds, max_latency, Seconds(0.0005));
+  /// Mean one-way latency of a frame (fixed, normal, exponential).
+  HIVE_ARG(Seconds, mean_latency, Seconds(0));
+  /// Standard deviation of the one-way latency (normal only).
+  HIVE_ARG(Seconds, latency_stddev, Seconds(0));
   /// Probability that a frame is lost (requests then time out, as over a lossy path).
   HIVE_ARG(double, loss, 0.0);
+  /// Probability that a request fails: each request frame whose method starts with
+  /// request_failure_prefix, once it reaches the receiving host, is refused there with
+  /// this probability instead of reaching its handler (independently per request; replies and
+  /// other methods are never affected).
+  HIVE_ARG(double, request_failure, 0.0);
+  /// Methods that can fail ("moe." for expert calls); empty means every method.
+  HIVE_ARG(std::string, request_failure_prefix, "");
+  /// A failed request is answered at once by an error frame (one latency later the caller sees
+  /// hive::RemoteError "emulated request failure"); when false it vanishes and the caller
+  /// waits until its deadline.
+  HIVE_ARG(bool, request_failure_reply, true);
   /// Uplink bandwidth of each host in bytes per second; 0 means unlimited.
   HIVE_ARG(double, bandwidth, 0.0);
-  /// Seed of the random source behind latency and loss.
+  /// Seed of the random source behind latency, loss and failures.
   HIVE_ARG(std::uint64_t, seed, 0);
   /// Whether connecting to a crashed or absent host fails at once (a closed port) or hangs
   /// until the caller's deadline (a host that vanished from the internet).
   HIVE_ARG(bool, refuse_dead, true);
-  HIVE_OPTIONS_JSON(SimNetworkOptions, min_latency, max_latency, loss, bandwidth, seed, refuse_dead)
+  HIVE_OPTIONS_JSON(SimNetworkOptions, latency, min_latency, max_latency, mean_latency, latency_stddev, loss,
+                    request_failure, request_failure_prefix, request_failure_reply, bandwidth, seed, refuse_dead)
+
+ public:
+  /// Throws hive::InvalidArgument naming the first option that makes no sense: a negative or
+  /// non-finite latency, an empty uniform range, a parameter the chosen distribution does not
+  /// read, a probability outside [0, 1], a negative bandwidth.
+  void validate() const {
+    auto finite_non_negative = [](Seconds s) { return std::isfinite(s.count()) && s.count() >= 0; };
+    HIVE_CHECK(finite_non_negative(min_latency()) && finite_non_negative(max_latency()) && max_latency() >= min_latency(),
+               "latency range must satisfy 0 <= min_latency <= max_latency, got [{}, {}]", min_latency().count(),
+               max_latency().count());
+    HIVE_CHECK(finite_non_negative(mean_latency()), "mean_latency must be finite and >= 0, got {}", mean_latency().count());
+    HIVE_CHECK(finite_non_negative(latency_stddev()), "latency_stddev must be finite and >= 0, got {}",
+               latency_stddev().count());
+    HIVE_CHECK(latency() != LatencyDistribution::uniform || mean_latency().count() == 0,
+               "mean_latency is not read by the uniform distribution (set min_latency and max_latency, or pick "
+               "fixed, normal or exponential)");
+    HIVE_CHECK(latency() == LatencyDistribution::normal || latency_stddev().count() == 0,
+               "latency_stddev is read by the normal distribution only, not by {}", to_string(latency()));
+    HIVE_CHECK(latency() != LatencyDistribution::normal || latency_stddev().count() > 0,
+               "the normal distribution needs latency_stddev > 0 (use fixed for a constant latency)");
+    HIVE_CHECK(loss() >= 0 && loss() <= 1, "loss must be a probability, got {}", loss());
+    HIVE_CHECK(request_failure() >= 0 && request_failure() <= 1, "request_failure must be a probability, got {}",
+               request_failure());
+    HIVE_CHECK(std::isfinite(bandwidth()) && bandwidth() >= 0, "bandwidth must be >= 0, got {}", bandwidth());
+  }
 };
 
 
@@ -53,10 +138,11 @@ struct SimListener;
 /// The emulated network that Simulated transports attach to: one per experiment.
 ///
 /// Every frame is encoded to bytes and decoded by the receiver with the same code as on TCP.
-/// Each frame is delayed by a latency drawn uniformly from [min_latency, max_latency] (order
-/// is preserved per connection, as on TCP), may be dropped with probability `loss`, is held
-/// back by the sender's uplink bandwidth when one is set, and is dropped when it would cross a
-/// partition. A crashed host loses its connections and listeners at once.
+/// Each frame is delayed by a one-way latency drawn from the options' distribution (order is
+/// preserved per connection, as on TCP), may be dropped with probability `loss`, is held back
+/// by the sender's uplink bandwidth when one is set, and is dropped when it would cross a
+/// partition. A request may be failed by the receiving host (`request_failure`). A crashed
+/// host loses its connections and listeners at once. Delays are wall-clock time.
 ///
 /// @par Thread safety
 /// Everything runs on the network's strand; the control functions (crash, revive, partition,
@@ -76,15 +162,14 @@ class SimNetwork : public std::enable_shared_from_this<SimNetwork> {
     std::uint64_t frames_lost = 0;       ///< frames dropped by random loss
     std::uint64_t frames_partitioned = 0;  ///< frames dropped at a partition or a dead host
     std::uint64_t bytes_sent = 0;        ///< bytes handed to the network
+    std::uint64_t requests = 0;          ///< requests received whose method starts with request_failure_prefix
+    std::uint64_t requests_failed = 0;   ///< of those, the ones the network failed
   };
 
   /// Creates a network whose events run on a strand of `executor`.
+  /// Throws hive::InvalidArgument for options that make no sense (Options::validate).
   static std::shared_ptr<SimNetwork> create(const asio::any_io_executor& executor, Options options = {}) {
-    HIVE_CHECK(options.min_latency().count() >= 0 && options.max_latency() >= options.min_latency(),
-               "latency range must satisfy 0 <= min_latency <= max_latency, got [{}, {}]",
-               options.min_latency().count(), options.max_latency().count());
-    HIVE_CHECK(options.loss() >= 0 && options.loss() <= 1, "loss must be a probability, got {}", options.loss());
-    HIVE_CHECK(options.bandwidth() >= 0, "bandwidth must be >= 0, got {}", options.bandwidth());
+    options.validate();
     return std::make_shared<SimNetwork>(Private{}, executor, std::move(options));
   }
   /// Use create().
@@ -93,8 +178,18 @@ class SimNetwork : public std::enable_shared_from_this<SimNetwork> {
 
   /// The strand every simulated peer runs on.
   [[nodiscard]] asio::strand<asio::any_io_executor> get_executor() const noexcept { return strand_; }
-  /// The network's properties.
+  /// The network's properties (not to be read while set_options runs on another thread).
   [[nodiscard]] const Options& options() const noexcept { return options_; }
+  /// Changes the network's properties from now on, e.g. a quick set-up followed by an
+  /// experiment at a long delay; frames in flight keep their delivery times and the random
+  /// source goes on (the new seed is ignored). Throws hive::InvalidArgument like create().
+  void set_options(Options options) {
+    options.validate();
+    run([&] {
+      options.seed(options_.seed());
+      options_ = std::move(options);
+    });
+  }
 
   /// Crashes `host`: its connections break and its listeners vanish until revive().
   void crash(const std::string& host) {
@@ -146,14 +241,36 @@ class SimNetwork : public std::enable_shared_from_this<SimNetwork> {
   }
 
   Seconds draw_latency() {
-    if (options_.max_latency() == options_.min_latency()) return options_.min_latency();
-    std::uniform_real_distribution<double> d(options_.min_latency().count(), options_.max_latency().count());
-    return Seconds(d(rng_));
+    switch (options_.latency()) {
+      case LatencyDistribution::uniform:
+        if (options_.max_latency() == options_.min_latency()) return options_.min_latency();
+        return Seconds(std::uniform_real_distribution<double>(options_.min_latency().count(),
+                                                              options_.max_latency().count())(rng_));
+      case LatencyDistribution::fixed: return options_.mean_latency();
+      case LatencyDistribution::normal:
+        return Seconds(std::max(0.0, std::normal_distribution<double>(options_.mean_latency().count(),
+                                                                      options_.latency_stddev().count())(rng_)));
+      case LatencyDistribution::exponential:
+        if (options_.mean_latency().count() <= 0) return Seconds(0);
+        return Seconds(std::exponential_distribution<double>(1.0 / options_.mean_latency().count())(rng_));
+    }
+    return Seconds(0);
   }
   bool draw_loss() {
     if (options_.loss() <= 0) return false;
     return std::bernoulli_distribution(options_.loss())(rng_);
   }
+  /// True when the request for `method` is to fail (counts it when request_failure applies).
+  bool draw_request_failure(const std::string& method) {
+    if (!method.starts_with(options_.request_failure_prefix())) return false;
+    stats_.requests++;
+    if (options_.request_failure() <= 0 || !std::bernoulli_distribution(options_.request_failure())(rng_)) return false;
+    stats_.requests_failed++;
+    return true;
+  }
+  /// Hands `bytes` to side `to` of `link` at time `at`, unless the link broke or the hosts
+  /// cannot reach each other by then.
+  inline void deliver(const std::shared_ptr<detail::SimLink>& link, int to, Buffer bytes, SteadyClock::time_point at);
   bool reachable(const std::string& a, const std::string& b) const {
     if (dead_.contains(a) || dead_.contains(b)) return false;
     if (island_.empty()) return true;
@@ -210,6 +327,21 @@ inline void SimNetwork::close_links_of(const std::string& host) {
   links_.erase(it);
 }
 
+inline void SimNetwork::deliver(const std::shared_ptr<detail::SimLink>& link, int to, Buffer bytes,
+                                SteadyClock::time_point at) {
+  auto timer = std::make_shared<asio::steady_timer>(strand_, at);
+  timer->async_wait([timer, link, to, bytes = std::move(bytes), net = shared_from_this()](std::error_code) mutable {
+    if (link->closed) return;
+    if (!net->reachable(link->host[0], link->host[1])) {
+      net->stats_.frames_partitioned++;
+      return;
+    }
+    net->stats_.frames_delivered++;
+    link->inbox[to].push_back(std::move(bytes));
+    link->readable[to].notify_all();
+  });
+}
+
 inline std::map<std::string, std::shared_ptr<detail::SimListener>>::iterator SimNetwork::close_listener(
     std::map<std::string, std::shared_ptr<detail::SimListener>>::iterator it) {
   it->second->closed = true;
@@ -255,16 +387,30 @@ class Simulated {
         : net_(std::move(net)), link_(std::move(link)), side_(side), limits_(std::move(limits)) {}
     ~Connection() override { close(); }
 
-    /// Waits for the next frame and decodes it with the wire decoder.
+    /// Waits for the next frame and decodes it with the wire decoder. A request the network
+    /// fails (SimNetworkOptions::request_failure) is answered by an error frame or dropped
+    /// here, and the wait goes on.
     asio::awaitable<Frame> read_frame() {
       auto& inbox = link_->inbox[side_];
-      while (inbox.empty()) {
-        if (link_->closed) throw Error(errc::connection_closed, "simulated connection closed");
-        co_await link_->readable[side_].wait(Deadline::max());
+      for (;;) {
+        while (inbox.empty()) {
+          if (link_->closed) throw Error(errc::connection_closed, "simulated connection closed");
+          co_await link_->readable[side_].wait(Deadline::max());
+        }
+        Buffer bytes = std::move(inbox.front());
+        inbox.pop_front();
+        Frame frame = decode_frame(bytes, limits_);
+        if (frame.kind != FrameKind::request || !net_->draw_request_failure(frame.method)) co_return frame;
+        if (!net_->options_.request_failure_reply()) continue;
+        auto reply = Frame::make_error(frame.call_id, errc::remote_error,
+                                       fmt::format("emulated request failure ({} on {})", frame.method, link_->host[side_]));
+        const int to = 1 - side_;
+        auto at = std::max(SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(net_->draw_latency()),
+                           link_->last_delivery[to]);
+        link_->last_delivery[to] = at;
+        net_->stats_.frames_sent++;
+        net_->deliver(link_, to, Buffer::adopt(encode_frame(reply).flatten()), at);
       }
-      Buffer bytes = std::move(inbox.front());
-      inbox.pop_front();
-      co_return decode_frame(bytes, limits_);
     }
 
     /// Sends a frame: it arrives after the link's latency unless lost or partitioned. With a
@@ -290,17 +436,7 @@ class Simulated {
         auto at = std::max(leave + std::chrono::duration_cast<SteadyClock::duration>(net.draw_latency()),
                            link_->last_delivery[to]);
         link_->last_delivery[to] = at;
-        auto timer = std::make_shared<asio::steady_timer>(net.strand_, at);
-        timer->async_wait([timer, link = link_, to, bytes = std::move(bytes), net = net_](std::error_code) mutable {
-          if (link->closed) return;
-          if (!net->reachable(link->host[0], link->host[1])) {
-            net->stats_.frames_partitioned++;
-            return;
-          }
-          net->stats_.frames_delivered++;
-          link->inbox[to].push_back(std::move(bytes));
-          link->readable[to].notify_all();
-        });
+        net.deliver(link_, to, std::move(bytes), at);
       }
       if (leave > now) {
         asio::steady_timer wait(net.strand_, leave);
