@@ -42,6 +42,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace hive::examples::lah_throughput {
@@ -120,35 +121,26 @@ struct Config {
 
 namespace detail {
 
-/// `text` as an integer; throws hive::InvalidArgument naming `flag` unless all of it is one.
-inline std::int64_t parse_int(const std::string& flag, const std::string& text) {
+/// `text` as a T (an integer or a floating-point type); throws hive::InvalidArgument naming
+/// `flag` unless all of it is one.
+template <class T>
+T parse_number(const std::string& flag, const std::string& text) {
   std::size_t used = 0;
-  long long v = 0;
+  T v{};
   try {
-    v = std::stoll(text, &used);
+    if constexpr (std::is_integral_v<T>) v = static_cast<T>(std::stoll(text, &used));
+    else v = static_cast<T>(std::stod(text, &used));
   } catch (const std::exception&) {
     used = 0;
   }
-  HIVE_CHECK(used == text.size() && !text.empty(), "{} takes an integer, got '{}'", flag, text);
-  return v;
-}
-
-/// `text` as a number; throws hive::InvalidArgument naming `flag` unless all of it is one.
-inline double parse_double(const std::string& flag, const std::string& text) {
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  HIVE_CHECK(used == text.size() && !text.empty(), "{} takes a number, got '{}'", flag, text);
+  HIVE_CHECK(used == text.size() && !text.empty(), "{} takes {}, got '{}'", flag,
+             std::is_integral_v<T> ? "an integer" : "a number", text);
   return v;
 }
 
 /// `text` as an int within +-1e6 (counts of threads, batches, runs).
 inline int parse_small(const std::string& flag, const std::string& text) {
-  const auto v = parse_int(flag, text);
+  const auto v = parse_number<std::int64_t>(flag, text);
   HIVE_CHECK(v >= -1'000'000 && v <= 1'000'000, "{} {} is out of range", flag, v);
   return static_cast<int>(v);
 }
@@ -191,20 +183,20 @@ inline Flags parse_flags(const std::vector<std::string>& args) {
     HIVE_CHECK(i + 1 < args.size(), "{} needs a value (see --help)", flag);
     const std::string value = args[++i];
     if (flag == "--servers") {
-      c.servers = detail::parse_int(flag, value);
+      c.servers = detail::parse_number<std::int64_t>(flag, value);
       servers_given = true;
     } else if (flag == "--layers") {
-      layers = detail::parse_int(flag, value);
+      layers = detail::parse_number<std::int64_t>(flag, value);
     } else if (flag == "--layers_per_server") {
-      c.layers_per_server = detail::parse_int(flag, value);
+      c.layers_per_server = detail::parse_number<std::int64_t>(flag, value);
     } else if (flag == "--experts_per_layer") {
-      c.experts_per_layer = detail::parse_int(flag, value);
+      c.experts_per_layer = detail::parse_number<std::int64_t>(flag, value);
     } else if (flag == "--hidden_dim") {
-      c.hidden_dim = detail::parse_int(flag, value);
+      c.hidden_dim = detail::parse_number<std::int64_t>(flag, value);
     } else if (flag == "--block" || flag == "--block_type") {
       c.block = value;
     } else if (flag == "--batch_size") {
-      c.batch_size = detail::parse_int(flag, value);
+      c.batch_size = detail::parse_number<std::int64_t>(flag, value);
     } else if (flag == "--trainers" || flag == "-j" || flag == "--jobs") {
       c.trainers = detail::parse_small(flag, value);
     } else if (flag == "--batches") {
@@ -213,14 +205,14 @@ inline Flags parse_flags(const std::vector<std::string>& args) {
       c.runs = detail::parse_small(flag, value);
     } else if (flag == "--latencies") {
       c.latencies_ms.clear();
-      for (const auto& part : split_commas(value)) c.latencies_ms.push_back(detail::parse_double(flag, part));
+      for (const auto& part : split_commas(value)) c.latencies_ms.push_back(detail::parse_number<double>(flag, part));
     } else if (flag == "--hosts") {
       c.hosts = split_commas(value);
       HIVE_CHECK(!c.hosts.empty(), "--hosts needs at least one host:port");
     } else if (flag == "--timeout") {
-      c.timeout_s = detail::parse_double(flag, value);
+      c.timeout_s = detail::parse_number<double>(flag, value);
     } else if (flag == "--seed") {
-      const auto seed = detail::parse_int(flag, value);
+      const auto seed = detail::parse_number<std::int64_t>(flag, value);
       HIVE_CHECK(seed >= 0, "--seed must not be negative");
       c.seed = static_cast<std::uint64_t>(seed);
     } else if (flag == "--out") {
@@ -274,18 +266,19 @@ struct HopCost {
   Seconds per_layer{0};
 };
 
+/// One-way hops a layer costs `mode`: a request and its reply, or one direct hop.
+inline double hops_per_layer(Mode mode) { return mode == Mode::dmoe ? 2.0 : 1.0; }
+
 /// The cost of the hops of `mode` at one-way latency `latency`, on the emulator or over TCP.
 inline HopCost hop_cost(Mode mode, Seconds latency, bool emulated) {
-  const double hops_per_layer = mode == Mode::dmoe ? 2.0 : 1.0;  // request + reply, or one direct hop
   if (emulated) return {mode == Mode::dmoe ? latency : latency / 2, Seconds(0)};
-  return {Seconds(0), latency * hops_per_layer};
+  return {Seconds(0), latency * hops_per_layer(mode)};
 }
 
 /// The least time one batch of one stream spends on hops at one-way latency `latency`:
 /// layers x hops per layer x latency, twice with the backward pass.
 inline Seconds latency_floor(const Config& c, Mode mode, Seconds latency) {
-  const double hops_per_layer = mode == Mode::dmoe ? 2.0 : 1.0;
-  return latency * (static_cast<double>(c.layers()) * hops_per_layer * (c.backward ? 2.0 : 1.0));
+  return latency * (static_cast<double>(c.layers()) * hops_per_layer(mode) * (c.backward ? 2.0 : 1.0));
 }
 
 /// The expert servers of one measurement, emulated in this process (one network, one Server
