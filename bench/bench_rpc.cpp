@@ -8,6 +8,8 @@
 // tensor codec, each acknowledged by a tiny reply; throughput in Gbit/s.
 // The last line is one JSON object.
 
+#include "common/transfer.hpp"
+
 #include <hive/core/tensor_codec.hpp>
 #include <hive/net/rpc.hpp>
 #include <hive/net/runtime.hpp>
@@ -31,43 +33,8 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-struct Args {
-  int calls = 5000;
-  int payload_bytes = 4096;
-  int bulk_mib = 64;
-  int bulk_rounds = 8;
-};
-
-Args parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string k = argv[i];
-    auto next = [&]() -> int {
-      if (i + 1 >= argc) {
-        fmt::print(stderr, "missing value for {}\n", k);
-        std::exit(2);
-      }
-      return std::stoi(argv[++i]);
-    };
-    if (k == "--calls") a.calls = next();
-    else if (k == "--payload_bytes") a.payload_bytes = next();
-    else if (k == "--bulk_mib") a.bulk_mib = next();
-    else if (k == "--bulk_rounds") a.bulk_rounds = next();
-    else if (k == "--help" || k == "-h") {
-      fmt::print("usage: bench_rpc [--calls N] [--payload_bytes B] [--bulk_mib M] [--bulk_rounds R]\n");
-      std::exit(0);
-    } else {
-      fmt::print(stderr, "unknown flag {} (see --help)\n", k);
-      std::exit(2);
-    }
-  }
-  return a;
-}
-
-double percentile(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<std::size_t>(p * static_cast<double>(v.size())))];
-}
+using Args = hive::bench::TransferArgs;
+using hive::bench::percentile;
 
 // ---- the bare socket baseline ---------------------------------------------------------------
 
@@ -196,7 +163,7 @@ RpcResult run_rpc(const Args& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Args a = parse(argc, argv);
+  const Args a = hive::bench::parse_transfer_args(argc, argv, "bench_rpc", Args{});
   fmt::print("bench_rpc: {} echo calls of {} B, {} bulk sends of {} MiB over loopback TCP\n", a.calls,
              a.payload_bytes, a.bulk_rounds, a.bulk_mib);
   // Warm-up runs so that page faults and connection set-up do not skew the first figures.

@@ -3,7 +3,8 @@
 // one-shot client for scripts: it joins, stores or reads one key, prints JSON and exits.
 //
 //   hive-dht [--listen_on HOST:PORT] [--initial_peers A,B,...] [--refresh_period SECONDS]
-//            [--announce_host HOST] [--config FILE.json] [--help]
+//            [--announce_host HOST] [--relay [--max_reservations N] [--max_relayed_calls N]]
+//            [--relays A,B,...] [--num_relays N] [--no_relay] [--config FILE.json] [--help]
 //   hive-dht --initial_peers A --store KEY VALUE [--subkey S] [--expiration SECONDS]
 //   hive-dht --initial_peers A --get KEY [--latest]
 
@@ -34,6 +35,15 @@ options:
   --refresh_period SECONDS   how often stale buckets are refreshed and records purged (default 600)
   --announce_host HOST       host to print instead of a wildcard listen address (default 127.0.0.1)
   --status_period SECONDS    how often to print the routing-table and storage size (default 60, 0: never)
+  --relay                    a dedicated relay for peers behind NAT: holds up to --max_reservations
+                             reservations (default 1024) and forwards up to --max_relayed_calls calls
+                             at once (default 4096). Any reachable peer relays within the library's
+                             smaller defaults (64 and 256) unless --no_relay
+  --max_reservations N       peers this relay holds reservations for at once
+  --max_relayed_calls N      calls this relay forwards at once
+  --no_relay                 do not relay for others
+  --relays A,B,...           relays to reserve at first if this peer turns out to be behind NAT
+  --num_relays N             relays to keep reservations at when behind NAT (default 2)
   --config FILE              DHTOptions as JSON (see docs/dht.md); flags override it
   --help                     this text
 
@@ -105,6 +115,14 @@ int main(int argc, char** argv) try {
   std::optional<std::string> get, subkey;
   double expiration = 60;
   bool latest = false;
+  bool dedicated_relay = false;
+  std::optional<std::uint32_t> max_reservations, max_relayed_calls;
+  auto count = [](const std::string& flag, const std::string& text) {
+    std::size_t used = 0;
+    const auto n = std::stoul(text, &used);
+    if (used != text.size() || n == 0 || n > 1000000) throw hive::InvalidArgument(fmt::format("{} must be in 1..1000000, got '{}'", flag, text));
+    return static_cast<std::uint32_t>(n);
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string flag = hive::examples::flag_name(argv[i]);
     auto value = [&]() -> std::string {
@@ -126,6 +144,18 @@ int main(int argc, char** argv) try {
       options.announce_host(value());
     } else if (flag == "--status_period") {
       status_period = std::stod(value());
+    } else if (flag == "--relay") {
+      dedicated_relay = true;
+    } else if (flag == "--max_reservations") {
+      max_reservations = count(flag, value());
+    } else if (flag == "--max_relayed_calls") {
+      max_relayed_calls = count(flag, value());
+    } else if (flag == "--no_relay") {
+      options.rpc().relay(false);
+    } else if (flag == "--num_relays") {
+      options.node().nat().num_relays(count(flag, value()));
+    } else if (flag == "--relays") {
+      for (auto& p : split_commas(value())) options.node().nat().relays().push_back(p);
     } else if (flag == "--store") {
       auto key = value();
       store = std::pair{key, value()};
@@ -143,6 +173,13 @@ int main(int argc, char** argv) try {
   }
 
   if (store && get) throw hive::InvalidArgument("give --store or --get, not both");
+  if (dedicated_relay && !options.rpc().relay()) throw hive::InvalidArgument("give --relay or --no_relay, not both");
+  if (dedicated_relay) {
+    options.rpc().max_relay_reservations(max_reservations.value_or(1024)).max_relayed_calls(max_relayed_calls.value_or(4096));
+  } else {
+    if (max_reservations) options.rpc().max_relay_reservations(*max_reservations);
+    if (max_relayed_calls) options.rpc().max_relayed_calls(*max_relayed_calls);
+  }
   if (store || get) {
     if (options.initial_peers().empty()) throw hive::InvalidArgument("--store and --get need --initial_peers");
     return one_shot(options, store, get, subkey, expiration, latest);
@@ -151,7 +188,19 @@ int main(int argc, char** argv) try {
   hive::DHT dht(options);
   const auto addresses = dht.visible_addresses();
   fmt::print("hive-dht peer {} is running\n", dht.peer_id());
-  fmt::print("To join this DHT, use --initial_peers {}\n", fmt::join(addresses, ","));
+  auto node = dht.node();
+  fmt::print("Reachability: {}\n", hive::net::to_string(node->reachability()));
+  if (node->reachability() == hive::net::Reachability::unreachable)
+    fmt::print("This peer is behind NAT: {}\n",
+               addresses.empty() ? std::string("no relay took a reservation, it takes part as a client")
+                                 : fmt::format("others reach it through relays at {}", fmt::join(addresses, ", ")));
+  if (dedicated_relay)
+    fmt::print("Relaying for up to {} peers behind NAT, {} calls at once\n", options.rpc().max_relay_reservations(),
+               options.rpc().max_relayed_calls());
+  if (addresses.empty())
+    fmt::print("Nobody can join through this peer (it has no reachable address)\n");
+  else
+    fmt::print("To join this DHT, use --initial_peers {}\n", fmt::join(addresses, ","));
   std::fflush(stdout);
 
   // Wait for a signal on a small context of our own; print the status now and then.
@@ -168,10 +217,13 @@ int main(int argc, char** argv) try {
     status.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(hive::Seconds(status_period)));
     status.async_wait([&](std::error_code ec) {
       if (ec || stop) return;
-      auto node = dht.node();
       auto peers = asio::co_spawn(dht.executor(), node->routing_table_size(), asio::use_future).get();
       auto [stored, cached] = asio::co_spawn(dht.executor(), node->storage_size(), asio::use_future).get();
-      fmt::print("routing table: {} peers; storage: {} keys, cache: {} keys\n", peers, stored, cached);
+      const auto relayed = node->relayed_addresses();
+      fmt::print("routing table: {} peers; storage: {} keys, cache: {} keys; {}{}; relaying for {} peers, {} calls relayed\n",
+                 peers, stored, cached, hive::net::to_string(node->reachability()),
+                 relayed.empty() ? std::string() : fmt::format(" (through {})", fmt::join(relayed, ", ")),
+                 node->rpc()->relay_reservations(), node->rpc()->relayed_calls());
       std::fflush(stdout);
       schedule();
     });

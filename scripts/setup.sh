@@ -19,6 +19,7 @@ packages=(
   g++
   ccache
   iproute2              # the multi-host tests build their hosts from network namespaces (ip netns)
+  nftables              # and their NAT routers (a masquerade rule in a router namespace)
 )
 
 packages+=("$@")

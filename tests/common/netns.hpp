@@ -4,6 +4,11 @@
 // route, so the hosts reach each other and nothing else. Names are unique per run; every
 // namespace is removed when the network is destroyed (also when a test fails), and networks
 // left by a run that was killed are removed by the next one.
+//
+// A host behind NAT (add_nat_host) sits on a private link of its own behind a router
+// namespace: the router has one veth on the bridge and one towards the host, forwards, and
+// masquerades what leaves on the bridge side (an nftables rule), like a home router. The
+// private host has a route to the bridge's subnet through the router and nothing else.
 
 #include "child_process.hpp"
 
@@ -34,6 +39,13 @@ class HostNetwork {
     if (!std::filesystem::exists(ip_binary())) return "iproute2's ip is not installed";
     return "";
   }
+  /// Why NAT routers cannot be made here (as unavailable_reason(), or no nft), or "".
+  static std::string nat_unavailable_reason() {
+    auto why = unavailable_reason();
+    if (!why.empty()) return why;
+    if (nft_binary().empty()) return "nftables' nft is not installed (scripts/setup.sh installs it)";
+    return "";
+  }
 
   /// Builds the network; throws std::runtime_error naming the command that failed.
   explicit HostNetwork(int hosts, std::string subnet = "10.47.0") : subnet_(std::move(subnet)) {
@@ -61,8 +73,46 @@ class HostNetwork {
   [[nodiscard]] int size() const noexcept { return hosts_; }
   /// Namespace name of host i.
   [[nodiscard]] std::string ns(int i) const { return fmt::format("{}-h{}", prefix_, i); }
-  /// IPv4 address of host i.
-  [[nodiscard]] std::string ip(int i) const { return fmt::format("{}.{}", subnet_, i + 1); }
+  /// IPv4 address of host i (behind NAT: its private address, which only its router reaches).
+  [[nodiscard]] std::string ip(int i) const {
+    return is_nat(i) ? fmt::format("192.168.{}.2", i) : fmt::format("{}.{}", subnet_, i + 1);
+  }
+  /// True when host i sits behind a NAT router.
+  [[nodiscard]] bool is_nat(int i) const { return nat_.size() > static_cast<std::size_t>(i) && nat_[static_cast<std::size_t>(i)]; }
+  /// The address host i's NAT router has on the bridge: what peers see host i connect from.
+  [[nodiscard]] std::string router_ip(int i) const { return fmt::format("{}.{}", subnet_, 101 + i); }
+
+  /// Adds a host behind a NAT router of its own; returns its index. Throws std::runtime_error
+  /// naming the command that failed.
+  int add_nat_host() {
+    const int i = hosts_;
+    const auto host = ns(i), router = fmt::format("{}-r{}", prefix_, i), port = fmt::format("p{}", i);
+    nat_.resize(static_cast<std::size_t>(i) + 1, false);
+    nat_[static_cast<std::size_t>(i)] = true;  // first: ip(i) is the private address from here on
+    run({"netns", "add", router});
+    namespaces_.push_back(router);
+    run({"netns", "add", host});
+    namespaces_.push_back(host);
+    for (const auto& n : {router, host}) run({"-n", n, "link", "set", "lo", "up"});
+    // The router's public side on the bridge, its private side towards the host.
+    run({"-n", router, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", switch_name()});
+    run({"-n", switch_name(), "link", "set", port, "master", "br0", "up"});
+    run({"-n", router, "addr", "add", router_ip(i) + "/24", "dev", "eth0"});
+    run({"-n", router, "link", "set", "eth0", "up"});
+    run({"-n", router, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", host});
+    run({"-n", router, "addr", "add", fmt::format("192.168.{}.1/24", i), "dev", "lan0"});
+    run({"-n", router, "link", "set", "lan0", "up"});
+    run({"-n", host, "addr", "add", ip(i) + "/24", "dev", "eth0"});
+    run({"-n", host, "link", "set", "eth0", "up"});
+    run({"-n", host, "route", "add", subnet_ + ".0/24", "via", fmt::format("192.168.{}.1", i)});
+    run({"netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"});
+    const auto nft = nft_binary();
+    run({"netns", "exec", router, nft, "add", "table", "ip", "nat"});
+    run({"netns", "exec", router, nft, "add chain ip nat post { type nat hook postrouting priority 100 ; }"});
+    run({"netns", "exec", router, nft, "add", "rule", "ip", "nat", "post", "oifname", "eth0", "masquerade"});
+    ++hosts_;
+    return i;
+  }
   /// IPv6 address of host i.
   [[nodiscard]] std::string ip6(int i) const { return fmt::format("fd47::{:x}", i + 1); }
 
@@ -83,6 +133,11 @@ class HostNetwork {
 
  private:
   static std::string ip_binary() { return std::filesystem::exists("/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip"; }
+  static std::string nft_binary() {
+    for (const char* path : {"/usr/sbin/nft", "/sbin/nft"})
+      if (std::filesystem::exists(path)) return path;
+    return "";
+  }
   [[nodiscard]] std::string switch_name() const { return prefix_ + "-sw"; }
 
   void add_host() {
@@ -159,6 +214,7 @@ class HostNetwork {
   std::string subnet_;
   std::string prefix_;
   std::vector<std::string> namespaces_;
+  std::vector<bool> nat_;  // per host: behind a NAT router
   int hosts_ = 0;
 };
 

@@ -320,7 +320,8 @@ class DecentralizedAverager {
       HIVE_CHECK(options.reducer_timeout() > Seconds(0), "reducer_timeout must be positive");
       for (const auto& t : tensors)
         HIVE_CHECK(t.defined() && at::isFloatingType(t.scalar_type()), "averaged tensors must be floating point");
-      const auto visible = dht.visible_addresses();
+      visible_addresses = [&dht] { return dht.visible_addresses(); };
+      const auto visible = visible_addresses();
       address = visible.empty() ? std::string() : visible.front();
       client_mode = options.client_mode() || address.empty();
       if (client_mode) address.clear();
@@ -559,6 +560,11 @@ class DecentralizedAverager {
       phase = Phase::looking;
       const auto key = keys.group_key();
       if (!client_mode) {
+        // Behind NAT the relayed address changes when a relay is replaced: announce the current one.
+        if (auto visible = visible_addresses(); !visible.empty() && visible.front() != address) {
+          log::info("averaging", "this peer's address is now {} (was {})", visible.front(), address);
+          address = visible.front();
+        }
         std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(address),
                                            nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", matched_schema()}}),
                                            // outlives the deadline by the clock tolerance, so that
@@ -743,6 +749,7 @@ class DecentralizedAverager {
     std::shared_ptr<Runner> runner;
     AllReduceSettings settings;
     std::string address;
+    std::function<std::vector<std::string>()> visible_addresses;  // the DHT peer's, current
     bool client_mode = false;
     std::string join_name, part_name, state_name;  // the methods, with the prefix
     std::string schema;

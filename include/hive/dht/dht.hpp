@@ -114,6 +114,8 @@ class BasicDHT {
     auto transport_options = transport_options_of<T>(options_, std::move(given_transport));
     auto node_options = options_.node();
     node_options.client_mode(options_.client_mode());
+    // A host the user announces is where peers reach this one: nothing to check.
+    if (!options_.announce_host().empty()) node_options.nat().check_reachability(false);
     node_ = node_type::create(runtime_.executor(), node_options, std::move(transport_options), options_.rpc(), id);
     node_->listen(options_.listen_on());
     const auto answered =

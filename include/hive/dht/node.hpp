@@ -20,6 +20,7 @@
 #include <hive/dht/routing.hpp>
 #include <hive/dht/storage.hpp>
 #include <hive/net/address.hpp>
+#include <hive/net/nat.hpp>
 #include <hive/net/rpc.hpp>
 
 #include <algorithm>
@@ -93,8 +94,10 @@ struct NodeOptions {
   /// Bytes of records one dht.find reply carries at most; past it, records are left out or
   /// dictionaries cut to their latest subkeys (flagged "t"), so that no reply outgrows a frame.
   HIVE_ARG(std::size_t, max_find_reply_bytes, std::size_t{8} << 20);
+  /// Reachability checks and, behind NAT, relays (docs/multihost.md, "Behind NAT").
+  HIVE_ARG(net::NatOptions, nat, net::NatOptions{});
   HIVE_OPTIONS_JSON(NodeOptions, num_replicas, wait_timeout, client_mode, cache_on_store, refresh_period,
-                    cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes, clock_offset)
+                    cache_refresh_before_expiry, storage, cache, blacklist, max_find_reply_bytes, clock_offset, nat)
 };
 
 /// One DHT peer.
@@ -140,7 +143,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         storage_(options_.storage()),
         cache_(options_.cache()),
         blacklist_(options_.blacklist()),
-        rng_(std::random_device{}()) {}
+        rng_(std::random_device{}()),
+        nat_(rpc_, options_.nat()) {}
 
   /// This peer's id.
   [[nodiscard]] const Id160& id() const noexcept { return id_; }
@@ -154,9 +158,20 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   /// the listen address when it is specific; for a wildcard, `announce_host`, or the hosts
   /// other peers observed this one at, then the interface addresses. Empty in client mode.
   /// Thread-safe.
+  /// A peer that others cannot dial (reachability() is unreachable) announces its relayed
+  /// addresses instead, or nothing when it holds no reservation.
   [[nodiscard]] std::vector<std::string> announce_addresses(std::string_view announce_host = {}) const {
+    if (options_.client_mode()) return {};
+    if (announce_host.empty() && nat_.reachability() == net::Reachability::unreachable) return nat_.relayed_addresses();
     return net::announce_addresses(address(), announce_host, observed_.ranked());
   }
+
+  /// Whether other peers can connect to this one, as the last check found (unknown before
+  /// one, or when it is not checked: client mode, a specific listen address,
+  /// nat.check_reachability off). Thread-safe.
+  [[nodiscard]] net::Reachability reachability() const { return nat_.reachability(); }
+  /// The addresses others reach this peer at through relays (while unreachable). Thread-safe.
+  [[nodiscard]] std::vector<std::string> relayed_addresses() const { return nat_.relayed_addresses(); }
 
   /// Why each initial peer that did not answer the last bootstrap failed ("address: reason").
   [[nodiscard]] std::vector<std::string> bootstrap_failures() const {
@@ -204,6 +219,12 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       }
       const std::size_t answered = *count;
       if (answered > 0) co_await self->lookup(self->id_, /*want_value=*/false, /*latest=*/false);
+      self->initial_peers_ = peers;
+      // Settled before bootstrap returns, so that what the peer announces next is right.
+      if (answered > 0) {
+        auto nat = self->update_nat(/*force=*/true);
+        co_await std::move(nat);
+      }
       self->start_upkeep();
       co_return answered;
     };
@@ -289,7 +310,12 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
   nlohmann::json sender() const {
     nlohmann::json j{{"id", detail::id_to_json(id_)}};
-    if (!options_.client_mode()) j["addr"] = rpc_->listen_address();
+    if (options_.client_mode()) return j;
+    if (nat_.reachability() != net::Reachability::unreachable) {
+      j["addr"] = rpc_->listen_address();
+    } else if (auto relayed = nat_.relayed_addresses(); !relayed.empty()) {
+      j["addr"] = relayed.front();  // others reach this peer only through a relay
+    }
     return j;
   }
 
@@ -687,9 +713,69 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   // ---- background upkeep --------------------------------------------------------------------
 
   void start_upkeep() {
+    if (!nat_started_ && nat_checked()) {
+      nat_started_ = true;
+      asio::co_spawn(executor(), nat_loop(this->shared_from_this()), asio::detached);
+    }
     if (upkeep_started_ || options_.refresh_period().count() <= 0) return;
     upkeep_started_ = true;
     asio::co_spawn(executor(), upkeep(this->shared_from_this()), asio::detached);
+  }
+
+  // ---- reachability and relays (net::Nat) ---------------------------------------------------
+
+  // Checked for a serving peer on a wildcard address: a specific one is what the user chose.
+  bool nat_checked() const {
+    if (options_.client_mode() || !options_.nat().check_reachability()) return false;
+    const auto listen = address();
+    if (listen.empty()) return false;
+    try {
+      return net::is_wildcard_host(net::HostPort::parse(listen).host);
+    } catch (const Error&) {
+      return false;
+    }
+  }
+
+  // Peers to ask for dial-backs and to reserve at: the routing table's nearest, then the
+  // initial peers; direct addresses only.
+  std::vector<std::string> nat_candidates() {
+    std::vector<std::string> out;
+    auto add = [&](const std::string& a) {
+      if (!a.empty() && !net::RelayedAddress::is_relayed(a) && std::find(out.begin(), out.end(), a) == out.end())
+        out.push_back(a);
+    };
+    for (const auto& peer : table_.nearest(id_, 2 * K)) add(peer.address);
+    for (const auto& peer : initial_peers_) add(peer);
+    std::shuffle(out.begin(), out.end(), rng_);
+    return out;
+  }
+
+  // Checks reachability when due (or `force`d), then keeps the relays that an unreachable
+  // peer needs.
+  asio::awaitable<void> update_nat(bool force) {
+    if (!nat_checked() || nat_busy_ || closed_) co_return;
+    nat_busy_ = true;
+    try {
+      const auto direct = net::announce_addresses(address(), {}, observed_.ranked());
+      if (force || nat_.due(direct)) {
+        auto check = nat_.check(nat_candidates(), net::HostPort::parse(address()).port, direct);
+        co_await std::move(check);
+      }
+      auto maintain = nat_.maintain(nat_candidates());
+      co_await std::move(maintain);
+    } catch (const std::exception& e) {
+      log::debug("nat", "reachability upkeep failed: {}", e.what());
+    }
+    nat_busy_ = false;
+  }
+
+  static asio::awaitable<void> nat_loop(std::shared_ptr<Node> self) {
+    while (!self->closed_) {
+      co_await self->upkeep_wake_.wait(deadline_after(self->options_.nat().check_period()));
+      if (self->closed_) break;
+      auto op = self->update_nat(false);
+      co_await std::move(op);
+    }
   }
 
   static asio::awaitable<void> upkeep(std::shared_ptr<Node> self) {
@@ -757,6 +843,9 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   std::set<std::string> verifying_;
   net::ObservedHosts observed_;                          // thread-safe
   std::map<std::string, std::string> last_failures_;     // address -> why the last call failed
+  std::vector<std::string> initial_peers_;                // as given to the last bootstrap
+  net::Nat<T> nat_;                                       // reachability and relays
+  bool nat_started_ = false, nat_busy_ = false;
   mutable std::mutex failures_mutex_;
   std::vector<std::string> bootstrap_failures_;          // guarded by failures_mutex_
   std::set<Id160> watched_cache_keys_;

@@ -160,15 +160,28 @@ class Server {
 
   /// The address clients call the experts at, the one declared in the DHT (the DHT peer's
   /// address when the experts share its port).
+  /// Behind NAT (the DHT peer is unreachable) this is its relayed address; throws
+  /// hive::Error(connection_refused) when it holds no relay reservation.
   [[nodiscard]] std::string address() const {
     if (rpc_ == dht_->node()->rpc()) return dht_address();
     const auto listen = net::HostPort::parse(rpc_->listen_address());
     if (!net::is_wildcard_host(listen.host)) return listen.str();
     // A wildcard: the host other peers reach this machine at, with the experts' port.
-    return net::HostPort{net::HostPort::parse(dht_address()).host, listen.port}.str();
+    const auto dht = dht_address();
+    if (net::RelayedAddress::is_relayed(dht))
+      throw Error(errc::connection_refused, "this server is behind NAT and its experts listen on their own port, which no "
+                                            "relay forwards to: serve them on the DHT peer's port (no separate listen_on)");
+    return net::HostPort{net::HostPort::parse(dht).host, listen.port}.str();
   }
   /// The address other peers join the swarm through (the DHT peer's first visible address).
-  [[nodiscard]] std::string dht_address() const { return dht_->visible_addresses().at(0); }
+  /// Throws hive::Error(connection_refused) when it has none (behind NAT, no relay).
+  [[nodiscard]] std::string dht_address() const {
+    auto visible = dht_->visible_addresses();
+    if (visible.empty())
+      throw Error(errc::connection_refused, "other peers cannot reach this server: it is behind NAT and holds no relay "
+                                            "reservation (see docs/multihost.md, \"Behind NAT\")");
+    return visible.front();
+  }
   /// The server's DHT peer (other peers join the swarm through it).
   [[nodiscard]] dht_type& dht() noexcept { return *dht_; }
   /// The uids served, in the order given.
@@ -299,11 +312,12 @@ class Server {
       const auto now = SteadyClock::now();
       try {
         if (now >= next_declare) {
+          // Set first: a declaration that throws (behind NAT with no relay yet) waits its turn too.
+          next_declare = now + std::chrono::duration_cast<SteadyClock::duration>(options_.update_period());
           auto ok = declare();
           const auto stored = std::count(ok.begin(), ok.end(), true);
           if (stored < static_cast<std::ptrdiff_t>(ok.size()))
             log::warn("moe", "announced {} of {} experts", stored, ok.size());
-          next_declare = now + std::chrono::duration_cast<SteadyClock::duration>(options_.update_period());
         }
         if (!options_.checkpoint_dir().empty() && now >= next_checkpoint) {
           save_checkpoints();

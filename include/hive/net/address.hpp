@@ -70,8 +70,16 @@ inline std::vector<std::string> interface_hosts() {
 /// connection) and claims to listen at `claimed`: the connection's source host with the
 /// claimed port, so that a wildcard, a loopback address or someone else's host in the claim
 /// never enters a routing table (nor makes this peer dial it). Empty when the claim does not
-/// parse or names port 0.
+/// parse or names port 0. A relayed claim ("relay:port/relay/peer") is kept as it is: the
+/// relay, not the connection, vouches for it.
 inline std::string reachable_address(std::string_view claimed, std::string_view remote) {
+  if (RelayedAddress::is_relayed(claimed)) {
+    try {
+      return RelayedAddress::parse(claimed).str();
+    } catch (const Error&) {
+      return {};
+    }
+  }
   HostPort c, r;
   try {
     c = HostPort::parse(claimed);

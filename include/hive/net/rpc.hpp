@@ -4,7 +4,8 @@
 /// calls in flight on one persistent connection, per-call timeouts and back-pressure.
 ///
 /// Over 400 lines because the connection table, the accept loop with its caps, the call
-/// multiplexer and the error mapping share one strand and one set of limits.
+/// multiplexer, the error mapping, and relaying (reservations pinned to connections, calls
+/// forwarded over them, dial-backs) share one strand, one set of sessions and one set of limits.
 
 #include <hive/core/log.hpp>
 #include <hive/core/message.hpp>
@@ -18,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -53,17 +55,55 @@ struct RpcOptions {
   /// Longest pause between accept() retries after the system refused one (for example, out
   /// of file descriptors); the pause starts at 10 ms and doubles up to this.
   HIVE_ARG(Seconds, accept_backoff_max, Seconds(1));
+  /// Serve as a relay for peers that others cannot reach (behind NAT): hold their
+  /// reservations and forward calls to them (docs/multihost.md, "Behind NAT").
+  HIVE_ARG(bool, relay, true);
+  /// Peers this relay holds reservations for at once; one more is refused with
+  /// errc::limit_exceeded.
+  HIVE_ARG(std::uint32_t, max_relay_reservations, 64);
+  /// Calls this relay forwards at once; one more is refused with errc::limit_exceeded.
+  HIVE_ARG(std::uint32_t, max_relayed_calls, 256);
+  /// How long a reservation lasts unless renewed; holders renew every third of it.
+  HIVE_ARG(Seconds, relay_reservation_ttl, Seconds(120));
+  /// Longest time a dial-back (checking whether another peer is reachable) may take.
+  HIVE_ARG(Seconds, dial_back_timeout, Seconds(5));
+  /// Dial-backs served at once; one more is refused with errc::limit_exceeded.
+  HIVE_ARG(std::uint32_t, max_dial_backs, 8);
   HIVE_OPTIONS_JSON(RpcOptions, request_timeout, connect_timeout, reply_timeout, max_concurrent_requests,
                     max_outgoing_connections, max_incoming_connections, max_connections_per_source,
-                    limit_loopback, idle_timeout, accept_backoff_max)
+                    limit_loopback, idle_timeout, accept_backoff_max, relay, max_relay_reservations,
+                    max_relayed_calls, relay_reservation_ttl, dial_back_timeout, max_dial_backs)
 };
 
 /// What a handler knows about the call it serves.
 struct CallContext {
-  /// The caller's address as this peer sees it (its ephemeral port, not its listen port).
+  /// The caller's address as this peer sees it (its ephemeral port, not its listen port); for
+  /// a call that came through a relay, as the relay saw it.
   std::string remote_address;
   /// The method called.
   std::string method;
+  /// The relay the call came through ("host:port"), empty for a direct call.
+  std::string relay;
+};
+
+/// The answer to a reachability check (Rpc::co_check_reachable).
+struct DialBack {
+  /// True when the helper connected to the address and found this peer there.
+  bool reachable = false;
+  /// The address the helper dialled: the host it sees this peer at, with the port asked.
+  std::string address;
+  /// Why the dial failed, empty when it worked.
+  std::string error;
+};
+
+/// A reservation at a relay (Rpc::co_reserve).
+struct Reservation {
+  /// The relay's address.
+  std::string relay;
+  /// The address others call this peer at through the relay ("relay-host:port/relay/peer-id").
+  std::string address;
+  /// How long the reservation lasts unless renewed.
+  Seconds ttl{0};
 };
 
 /// A typed method: a name plus the request and response types. Requests and responses
@@ -99,6 +139,13 @@ struct PendingCall {
   hive::detail::Event done;
   std::optional<Frame> response;
   std::error_code error;
+};
+
+/// An error whose code and text reach the caller exactly as given (no "what(): code" suffix):
+/// unknown methods, and a relayed callee's own error passed on by the relay.
+struct ExactError {
+  errc code;
+  std::string text;
 };
 
 /// A frame waiting to be written, with its completion.
@@ -157,12 +204,14 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
 
   /// Registers (or replaces) the handler of `method`.
   void add_handler(std::string method, Handler handler) {
+    check_not_reserved(method);
     std::lock_guard lock(mutex_);
     handlers_[std::move(method)] = std::move(handler);
   }
 
   /// Registers the handler of `method` unless one is registered; false when one was.
   bool try_add_handler(std::string method, Handler handler) {
+    check_not_reserved(method);
     std::lock_guard lock(mutex_);
     return handlers_.try_emplace(std::move(method), std::move(handler)).second;
   }
@@ -256,6 +305,78 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     return asio::co_spawn(get_executor(), co_call(std::move(address), method, request, timeout), asio::use_future).get();
   }
 
+  /// This peer's id: 32 random hex digits, named in its relayed addresses and confirmed when
+  /// another peer dials it back.
+  [[nodiscard]] const std::string& peer_id() const noexcept { return peer_id_; }
+
+  /// Asks the peer at `helper` to dial this one back, on a fresh connection, at the host the
+  /// helper sees it at with `port`, and to check that this peer's id answers there (AutoNAT's
+  /// idea): whether peers elsewhere can reach this one. Throws what a call to `helper` throws.
+  asio::awaitable<DialBack> co_check_reachable(std::string helper, std::uint16_t port) {
+    const Seconds timeout = options_.dial_back_timeout() + options_.connect_timeout();
+    Message request{nlohmann::json{{"port", port}, {"peer", peer_id_}}, {}};
+    auto op = co_call(std::move(helper), std::string(dial_back_method), std::move(request), timeout);
+    Message reply = co_await std::move(op);
+    const auto& h = reply.header;
+    if (!h.is_object() || !h.contains("reachable") || !h["reachable"].is_boolean())
+      throw Error(errc::bad_header, "nat.dial_back's reply lacks 'reachable'");
+    co_return DialBack{h["reachable"].get<bool>(), h.value("address", std::string()), h.value("error", std::string())};
+  }
+
+  /// Reserves at the relay at `relay` ("host:port"), or renews the reservation held there:
+  /// the relay then forwards calls made to the returned address over this peer's connection
+  /// to it, which stays open (never closed as idle) until release(). Renew within the ttl.
+  /// Throws RemoteError(limit_exceeded) when the relay is full, RemoteError(unknown_method)
+  /// when it does not relay, RemoteError(invalid_argument) when another connection holds
+  /// this peer id there, and what any call to `relay` throws.
+  asio::awaitable<Reservation> co_reserve(std::string relay) {
+    auto op = [self = this->shared_from_this(), relay = std::move(relay)]() -> asio::awaitable<Reservation> {
+      const auto token = self->reservation_tokens_[relay];
+      Message request{nlohmann::json{{"peer", self->peer_id_}, {"token", token}}, {}};
+      auto call = self->call_on_strand(relay, std::string(reserve_method), std::move(request), std::nullopt);
+      Message reply = co_await std::move(call);
+      const auto& h = reply.header;
+      if (!h.is_object() || !h.contains("token") || !h["token"].is_string() || !h.contains("ttl") || !h["ttl"].is_number())
+        throw Error(errc::bad_header, fmt::format("relay {} sent a reservation without 'token' and 'ttl'", relay));
+      self->reservation_tokens_[relay] = h["token"].get<std::string>();
+      if (auto it = self->outgoing_.find(relay); it != self->outgoing_.end()) it->second->pinned = true;
+      co_return Reservation{relay, RelayedAddress{relay, self->peer_id_}.str(), Seconds(h["ttl"].get<double>())};
+    };
+    auto spawned = asio::co_spawn(get_executor(), std::move(op), asio::use_awaitable);
+    co_return co_await std::move(spawned);
+  }
+
+  /// Forgets the reservation at `relay`: its connection may again close when idle.
+  void release(std::string relay) {
+    asio::dispatch(get_executor(), [self = this->shared_from_this(), relay = std::move(relay)] {
+      self->reservation_tokens_.erase(relay);
+      if (auto it = self->outgoing_.find(relay); it != self->outgoing_.end()) it->second->pinned = false;
+    });
+  }
+
+  /// True while this peer has an open connection to `address` that it opened itself (to a
+  /// relay it reserved at, for one).
+  asio::awaitable<bool> co_connected(std::string address) {
+    auto op = [self = this->shared_from_this(), address = std::move(address)]() -> asio::awaitable<bool> {
+      auto it = self->outgoing_.find(address);
+      co_return it != self->outgoing_.end() && !it->second->closed;
+    };
+    auto spawned = asio::co_spawn(get_executor(), std::move(op), asio::use_awaitable);
+    co_return co_await std::move(spawned);
+  }
+
+  /// Peers that hold a reservation at this relay now, for tests and stats.
+  [[nodiscard]] std::size_t relay_reservations() {
+    std::size_t n = 0;
+    run_on_strand([&] {
+      purge_reservations();
+      n = reservations_.size();
+    });
+    return n;
+  }
+  /// Calls this peer forwarded as a relay, for tests and stats.
+  [[nodiscard]] std::uint64_t relayed_calls() const noexcept { return relayed_calls_.load(); }
+
   /// Stops listening, closes every connection and fails pending calls with errc::shutdown.
   /// Idempotent; returns without waiting for coroutines to unwind.
   void close() {
@@ -295,8 +416,10 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     SteadyClock::time_point last_activity = SteadyClock::now();  // last frame read or written
     bool writing = false;
     bool closed = false;
+    bool pinned = false;  // carries a relay reservation (either side): never closed as idle
 
     bool idle() const noexcept {
+      if (pinned) return false;
       if constexpr (requires { conn->receiving(); })
         if (conn->receiving()) return false;
       return pending.empty() && !writing && queue.empty() && active_requests == 0;
@@ -383,6 +506,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       c->done.set();
     }
     connecting_.clear();
+    reservations_.clear();
   }
 
   // Accepts until close(). A refused accept (EMFILE, ENFILE, ENOBUFS, ...) is retried after a
@@ -573,29 +697,22 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   }
 
   static asio::awaitable<void> serve_request(std::shared_ptr<Rpc> self, std::shared_ptr<Session> session, Frame frame) {
-    Handler handler;
-    {
-      std::lock_guard lock(self->mutex_);
-      if (auto it = self->handlers_.find(frame.method); it != self->handlers_.end()) handler = it->second;
-    }
     Frame reply;
-    if (!handler) {
-      reply = Frame::make_error(frame.call_id, errc::unknown_method, fmt::format("unknown method '{}'", frame.method));
-    } else {
-      try {
-        // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
-        CallContext ctx{session->conn->remote_address(), frame.method};
-        auto op = handler(std::move(ctx), std::move(frame.message));
-        Message out = co_await std::move(op);
-        reply = Frame{FrameKind::response, frame.call_id, {}, std::move(out)};
-      } catch (const Error& e) {
-        const bool ours = &e.code().category() == &error_category();
-        reply = Frame::make_error(frame.call_id, ours ? static_cast<errc>(e.code().value()) : errc::remote_error, e.what());
-      } catch (const std::exception& e) {
-        reply = Frame::make_error(frame.call_id, errc::remote_error, e.what());
-      } catch (...) {
-        reply = Frame::make_error(frame.call_id, errc::remote_error, "handler threw a non-standard exception");
-      }
+    try {
+      // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
+      CallContext ctx{session->conn->remote_address(), frame.method, {}};
+      auto op = self->dispatch(session, std::move(ctx), std::move(frame.message));
+      Message out = co_await std::move(op);
+      reply = Frame{FrameKind::response, frame.call_id, {}, std::move(out)};
+    } catch (const detail::ExactError& e) {
+      reply = Frame::make_error(frame.call_id, e.code, e.text);
+    } catch (const Error& e) {
+      const bool ours = &e.code().category() == &error_category();
+      reply = Frame::make_error(frame.call_id, ours ? static_cast<errc>(e.code().value()) : errc::remote_error, e.what());
+    } catch (const std::exception& e) {
+      reply = Frame::make_error(frame.call_id, errc::remote_error, e.what());
+    } catch (...) {
+      reply = Frame::make_error(frame.call_id, errc::remote_error, "handler threw a non-standard exception");
     }
     std::shared_ptr<EncodedFrame> encoded;
     try {
@@ -608,6 +725,183 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     // holds at most max_concurrent_requests of them in this peer's memory.
     co_await send_reply(self, session, encoded);
     session->active_requests--;
+  }
+
+  // The handler of ctx.method, or this peer's own relay and reachability methods.
+  asio::awaitable<Message> dispatch(std::shared_ptr<Session> session, CallContext ctx, Message m) {
+    if (reserved(ctx.method)) {
+      auto op = builtin(std::move(session), std::move(ctx), std::move(m));
+      co_return co_await std::move(op);
+    }
+    Handler handler;
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = handlers_.find(ctx.method); it != handlers_.end()) handler = it->second;
+    }
+    if (!handler) throw detail::ExactError{errc::unknown_method, fmt::format("unknown method '{}'", ctx.method)};
+    auto op = handler(std::move(ctx), std::move(m));
+    co_return co_await std::move(op);
+  }
+
+  // ---- relays and reachability (docs/multihost.md, "Behind NAT") ------------------------------
+
+  static constexpr std::string_view dial_back_method = "nat.dial_back", whoami_method = "nat.whoami",
+                                    reserve_method = "relay.reserve", forward_method = "relay.forward",
+                                    deliver_method = "relay.deliver";
+
+  static bool reserved(std::string_view method) { return method.starts_with("relay.") || method.starts_with("nat."); }
+  static void check_not_reserved(std::string_view method) {
+    HIVE_CHECK(!reserved(method), "method names starting with 'relay.' or 'nat.' are the RPC layer's own, got '{}'", method);
+  }
+  static std::string string_field(const nlohmann::json& h, const char* name, std::string_view method) {
+    if (!h.is_object() || !h.contains(name) || !h[name].is_string())
+      throw Error(errc::bad_header, fmt::format("{} needs '{}' (a string)", method, name));
+    return h[name].get<std::string>();
+  }
+
+  asio::awaitable<Message> builtin(std::shared_ptr<Session> session, CallContext ctx, Message m) {
+    if (ctx.method == whoami_method) co_return Message{nlohmann::json{{"peer", peer_id_}}, {}};
+    if (ctx.method == dial_back_method) {
+      auto op = serve_dial_back(std::move(ctx), std::move(m.header));
+      co_return co_await std::move(op);
+    }
+    if (ctx.method == reserve_method) co_return serve_reserve(session, m.header);
+    if (ctx.method == forward_method) {
+      auto op = serve_forward(std::move(ctx), std::move(m));
+      co_return co_await std::move(op);
+    }
+    if (ctx.method == deliver_method) {
+      // Calls a relay forwards arrive over a connection this peer opened to it; anyone else
+      // could claim any caller address with them.
+      if (session->key.empty()) throw Error(errc::invalid_argument, "relay.deliver comes only from a relay this peer called");
+      auto method = string_field(m.header, "method", deliver_method);
+      if (method.starts_with("relay.")) throw Error(errc::bad_header, "a relayed call cannot name a relay method");
+      CallContext inner{string_field(m.header, "from", deliver_method), std::move(method), session->key};
+      Message request{std::move(m.header["header"]), std::move(m.blobs)};
+      auto op = dispatch(session, std::move(inner), std::move(request));
+      co_return co_await std::move(op);
+    }
+    throw detail::ExactError{errc::unknown_method, fmt::format("unknown method '{}'", ctx.method)};
+  }
+
+  // Dials the caller back on a fresh connection, at the host it called from with the port it
+  // names (never another host: a dial-back cannot be aimed at third parties), and asks who
+  // answers there.
+  asio::awaitable<Message> serve_dial_back(CallContext ctx, nlohmann::json h) {
+    if (!h.is_object() || !h.contains("port") || !h["port"].is_number_unsigned() || h["port"].get<std::uint64_t>() == 0 ||
+        h["port"].get<std::uint64_t>() > 65535)
+      throw Error(errc::bad_header, "nat.dial_back needs 'port' (1..65535)");
+    const auto peer = string_field(h, "peer", dial_back_method);
+    if (dial_backs_ >= options_.max_dial_backs())
+      throw Error(errc::limit_exceeded, fmt::format("{} dial-backs in progress, the limit", dial_backs_));
+    const auto address = HostPort{HostPort::parse(ctx.remote_address).host, h["port"].get<std::uint16_t>()}.str();
+    ++dial_backs_;
+    struct Done {
+      std::uint32_t& n;
+      ~Done() { --n; }
+    } done{dial_backs_};
+    nlohmann::json reply{{"reachable", false}, {"address", address}};
+    std::shared_ptr<Connection> conn;
+    try {
+      const auto deadline = deadline_after(options_.dial_back_timeout());
+      conn = co_await transport_.connect(address, deadline);
+      asio::steady_timer limit(get_executor(), deadline);
+      limit.async_wait([conn](std::error_code ec) {
+        if (!ec) conn->close();
+      });
+      const auto request = encode_frame(Frame{FrameKind::request, 1, std::string(whoami_method), {}});
+      co_await conn->write_frame(request);
+      Frame answer = co_await conn->read_frame();
+      limit.cancel();
+      const auto& ah = answer.message.header;
+      if (answer.kind == FrameKind::response && ah.is_object() && ah.value("peer", std::string()) == peer)
+        reply["reachable"] = true;
+      else
+        reply["error"] = "another peer answers at that address";
+    } catch (const std::exception& e) {
+      reply["error"] = e.what();
+    }
+    if (conn) conn->close();
+    co_return Message{std::move(reply), {}};
+  }
+
+  Message serve_reserve(const std::shared_ptr<Session>& session, const nlohmann::json& h) {
+    if (!options_.relay()) throw Error(errc::unknown_method, "this peer does not relay (its RpcOptions::relay is off)");
+    if (!session->key.empty()) throw Error(errc::invalid_argument, "reserve over a connection you opened to the relay");
+    const auto peer = string_field(h, "peer", reserve_method);
+    if (!RelayedAddress::valid_peer_id(peer)) throw Error(errc::bad_header, "relay.reserve: a peer id is 1 to 64 of [0-9a-zA-Z_-]");
+    const auto token = h.is_object() && h.contains("token") && h["token"].is_string() ? h["token"].get<std::string>() : "";
+    purge_reservations();
+    auto it = reservations_.find(peer);
+    if (it != reservations_.end()) {
+      auto holder = it->second.session.lock();
+      if (holder && holder != session) {
+        // Its owner on a new connection (it proves so with the token) takes over; nobody else.
+        if (token.empty() || token != it->second.token)
+          throw Error(errc::invalid_argument, fmt::format("peer id {} is reserved here by another connection", peer));
+        holder->pinned = false;
+      }
+    } else {
+      if (reservations_.size() >= options_.max_relay_reservations())
+        throw Error(errc::limit_exceeded,
+                    fmt::format("this relay holds {} reservations, its limit (max_relay_reservations)", reservations_.size()));
+      it = reservations_.emplace(peer, RelaySlot{{}, random_hex(16), {}}).first;
+    }
+    it->second.session = session;
+    it->second.expires = SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(options_.relay_reservation_ttl());
+    session->pinned = true;
+    return Message{nlohmann::json{{"token", it->second.token}, {"ttl", options_.relay_reservation_ttl().count()}}, {}};
+  }
+
+  // Drops reservations that expired or whose connection closed.
+  void purge_reservations() {
+    const auto now = SteadyClock::now();
+    std::erase_if(reservations_, [&](const auto& entry) {
+      auto holder = entry.second.session.lock();
+      if (holder && !holder->closed && entry.second.expires > now) return false;
+      if (holder) holder->pinned = false;
+      return true;
+    });
+  }
+
+  asio::awaitable<Message> serve_forward(CallContext ctx, Message m) {
+    if (!options_.relay()) throw Error(errc::unknown_method, "this peer does not relay (its RpcOptions::relay is off)");
+    auto to = string_field(m.header, "to", forward_method);
+    auto method = string_field(m.header, "method", forward_method);
+    if (method.starts_with("relay.")) throw Error(errc::bad_header, "a relayed call cannot name a relay method");
+    purge_reservations();
+    auto it = reservations_.find(to);
+    auto target = it == reservations_.end() ? nullptr : it->second.session.lock();
+    if (!target) throw Error(errc::connection_refused, fmt::format("peer {} holds no reservation at this relay", to));
+    if (relayed_in_flight_ >= options_.max_relayed_calls())
+      throw Error(errc::limit_exceeded,
+                  fmt::format("this relay carries {} calls, its limit (max_relayed_calls)", relayed_in_flight_));
+    Seconds timeout = options_.request_timeout();
+    if (m.header.contains("timeout") && m.header["timeout"].is_number() && m.header["timeout"].get<double>() > 0)
+      timeout = std::min(timeout, Seconds(m.header["timeout"].get<double>()));
+    ++relayed_in_flight_;
+    ++relayed_calls_;
+    struct Done {
+      std::uint32_t& n;
+      ~Done() { --n; }
+    } done{relayed_in_flight_};
+    Message inner{nlohmann::json{{"from", ctx.remote_address}, {"method", std::move(method)}, {"header", std::move(m.header["header"])}},
+                  std::move(m.blobs)};
+    try {
+      auto op = call_over(target, fmt::format("peer {} through this relay", to), std::string(deliver_method),
+                          std::move(inner), deadline_after(timeout));
+      co_return co_await std::move(op);
+    } catch (const RemoteError& e) {
+      // The target's own answer reaches the caller as a direct call's would.
+      throw detail::ExactError{static_cast<errc>(e.code().value()), e.remote_message()};
+    }
+  }
+
+  static std::string random_hex(std::size_t bytes) {
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    std::string out;
+    for (std::size_t i = 0; i < bytes; ++i) out += fmt::format("{:02x}", static_cast<unsigned>(rng() & 0xff));
+    return out;
   }
 
   void forget(const std::shared_ptr<Session>& session) {
@@ -626,7 +920,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     if (outgoing_.size() < options_.max_outgoing_connections()) return;
     std::shared_ptr<Session> victim;
     for (auto& [address, session] : outgoing_) {
-      if (!session->pending.empty() || session->writing || session->active_requests > 0) continue;
+      if (session->pinned || !session->pending.empty() || session->writing || session->active_requests > 0) continue;
       if (!victim || session->last_used < victim->last_used) victim = session;
     }
     if (!victim) return;  // all busy: go over the cap rather than fail calls
@@ -682,9 +976,29 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
 
   asio::awaitable<Message> call_on_strand(std::string address, std::string method, Message request,
                                           std::optional<Seconds> timeout) {
-    const auto deadline = deadline_after(timeout.value_or(options_.request_timeout()));
+    const Seconds limit = timeout.value_or(options_.request_timeout());
+    const auto deadline = deadline_after(limit);
     auto keep_alive = this->shared_from_this();
+    std::string label = address;
+    if (RelayedAddress::is_relayed(address)) {
+      // A peer behind a relay: the relay forwards the call over the peer's connection to it.
+      auto relayed = RelayedAddress::parse(address);
+      request.header = nlohmann::json{{"to", std::move(relayed.peer)},
+                                      {"method", std::move(method)},
+                                      {"header", std::move(request.header)},
+                                      {"timeout", limit.count()}};
+      method = std::string(forward_method);
+      address = std::move(relayed.relay);
+    }
     auto session = co_await get_session(address, deadline);
+    auto op = call_over(std::move(session), label, std::move(method), std::move(request), deadline);
+    co_return co_await std::move(op);
+  }
+
+  // Sends a request over `session` and waits for its response; `address` names the callee in
+  // errors.
+  asio::awaitable<Message> call_over(std::shared_ptr<Session> session, std::string address, std::string method,
+                                     Message request, Deadline deadline) {
     const std::uint64_t id = session->next_call_id++;
     const EncodedFrame encoded = encode_frame(Frame{FrameKind::request, id, std::move(method), std::move(request)},
                                               transport_.limits());
@@ -725,6 +1039,19 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   std::atomic<std::uint64_t> accept_failures_{0};
   std::atomic<std::uint64_t> refused_connections_{0};
   std::atomic<std::uint64_t> refused_requests_{0};
+  // Relaying: the reservations this peer holds for others, and (as a reserving peer) the
+  // token each relay gave it, to take its reservation over to a new connection.
+  struct RelaySlot {
+    std::weak_ptr<Session> session;
+    std::string token;
+    SteadyClock::time_point expires;
+  };
+  std::unordered_map<std::string, RelaySlot> reservations_;
+  std::unordered_map<std::string, std::string> reservation_tokens_;
+  std::uint32_t relayed_in_flight_ = 0;
+  std::uint32_t dial_backs_ = 0;
+  std::atomic<std::uint64_t> relayed_calls_{0};
+  const std::string peer_id_ = random_hex(16);
   bool sweeper_started_ = false;
   bool closed_ = false;
 };

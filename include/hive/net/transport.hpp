@@ -13,6 +13,7 @@
 #include <asio/ip/address.hpp>
 #include <asio/strand.hpp>
 
+#include <algorithm>
 #include <charconv>
 #include <concepts>
 #include <cstdint>
@@ -61,6 +62,45 @@ struct HostPort {
   }
 };
 
+/// An address reached through a relay: "relay-host:port/relay/peer-id". Calls to it go to the
+/// relay, which forwards them over the connection the peer keeps open to it (a peer behind NAT
+/// that nobody can dial). Peer ids are Rpc::peer_id(): 1 to 64 characters of [0-9a-zA-Z_-].
+struct RelayedAddress {
+  /// The relay's own address ("host:port").
+  std::string relay;
+  /// The id of the peer the relay forwards to.
+  std::string peer;
+
+  /// The separator between the relay's address and the peer id.
+  static constexpr std::string_view separator = "/relay/";
+
+  /// True when `address` has the relayed form (it may still fail to parse).
+  static bool is_relayed(std::string_view address) { return address.find(separator) != std::string_view::npos; }
+
+  /// True for a valid peer id.
+  static bool valid_peer_id(std::string_view id) {
+    if (id.empty() || id.size() > 64) return false;
+    return std::all_of(id.begin(), id.end(), [](char c) {
+      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '-';
+    });
+  }
+
+  /// Parses "host:port/relay/peer"; throws hive::Error(errc::bad_address) when it is not one.
+  static RelayedAddress parse(std::string_view address) {
+    const auto at = address.find(separator);
+    if (at == std::string_view::npos)
+      throw Error(errc::bad_address, fmt::format("bad address '{}': not a relayed address (host:port/relay/peer)", address));
+    RelayedAddress r{std::string(address.substr(0, at)), std::string(address.substr(at + separator.size()))};
+    const auto relay = HostPort::parse(r.relay);  // throws with the reason
+    if (relay.port == 0) throw Error(errc::bad_address, fmt::format("bad address '{}': the relay's port is 0", address));
+    if (!valid_peer_id(r.peer))
+      throw Error(errc::bad_address, fmt::format("bad address '{}': the peer id must be 1 to 64 of [0-9a-zA-Z_-]", address));
+    return r;
+  }
+  /// Formats back to "host:port/relay/peer".
+  [[nodiscard]] std::string str() const { return relay + std::string(separator) + peer; }
+};
+
 /// Who an address belongs to, for per-source limits: the host of "host:port", with an IPv6
 /// address cut to its /64 prefix (one home or one cloud machine gets a whole /64), and
 /// `loopback` set for 127.0.0.0/8 and ::1. A host that is not an IP address stands for itself.
@@ -72,6 +112,7 @@ struct AddressSource {
 
   /// The source of "host:port" (or of a bare host).
   static AddressSource of(std::string_view address) {
+    if (const auto at = address.find(RelayedAddress::separator); at != std::string_view::npos) address = address.substr(0, at);
     std::string host(address);
     try {
       host = HostPort::parse(address).host;
