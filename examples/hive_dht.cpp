@@ -43,7 +43,7 @@ options:
   --max_relayed_calls N      calls this relay forwards at once
   --no_relay                 do not relay for others
   --relays A,B,...           relays to reserve at first if this peer turns out to be behind NAT
-  --num_relays N             relays to keep reservations at when behind NAT (default 2)
+  --num_relays N             relays to keep reservations at when behind NAT (default 2; 0: a client)
   --config FILE              DHTOptions as JSON (see docs/dht.md); flags override it
   --help                     this text
 
@@ -118,9 +118,8 @@ int main(int argc, char** argv) try {
   bool dedicated_relay = false;
   std::optional<std::uint32_t> max_reservations, max_relayed_calls;
   auto count = [](const std::string& flag, const std::string& text) {
-    std::size_t used = 0;
-    const auto n = std::stoul(text, &used);
-    if (used != text.size() || n == 0 || n > 1000000) throw hive::InvalidArgument(fmt::format("{} must be in 1..1000000, got '{}'", flag, text));
+    const auto n = hive::examples::parse_number<std::int64_t>(flag, text);
+    if (n < 1 || n > 1000000) throw hive::InvalidArgument(fmt::format("{} must be in 1..1000000, got {}", flag, n));
     return static_cast<std::uint32_t>(n);
   };
   for (int i = 1; i < argc; ++i) {
@@ -153,7 +152,9 @@ int main(int argc, char** argv) try {
     } else if (flag == "--no_relay") {
       options.rpc().relay(false);
     } else if (flag == "--num_relays") {
-      options.node().nat().num_relays(count(flag, value()));
+      const auto n = hive::examples::parse_number<std::int64_t>(flag, value());
+      if (n < 0 || n > 64) throw hive::InvalidArgument(fmt::format("--num_relays must be in 0..64, got {}", n));
+      options.node().nat().num_relays(static_cast<std::size_t>(n));
     } else if (flag == "--relays") {
       for (auto& p : split_commas(value())) options.node().nat().relays().push_back(p);
     } else if (flag == "--store") {

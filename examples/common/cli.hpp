@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace hive::examples {
@@ -26,6 +27,23 @@ inline std::string flag_name(std::string flag) {
     for (std::size_t i = 2; i < flag.size(); ++i)
       if (flag[i] == '-') flag[i] = '_';
   return flag;
+}
+
+/// `text` as a T (an integer or a floating-point type); throws hive::InvalidArgument naming
+/// `flag` unless all of it is one.
+template <class T>
+T parse_number(const std::string& flag, const std::string& text) {
+  std::size_t used = 0;
+  T v{};
+  try {
+    if constexpr (std::is_integral_v<T>) v = static_cast<T>(std::stoll(text, &used));
+    else v = static_cast<T>(std::stod(text, &used));
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  HIVE_CHECK(used == text.size() && !text.empty(), "{} takes {}, got '{}'", flag,
+             std::is_integral_v<T> ? "an integer" : "a number", text);
+  return v;
 }
 
 /// The whole text of `path` (a --config file); throws hive::InvalidArgument when unreadable.

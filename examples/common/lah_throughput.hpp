@@ -121,23 +121,6 @@ struct Config {
 
 namespace detail {
 
-/// `text` as a T (an integer or a floating-point type); throws hive::InvalidArgument naming
-/// `flag` unless all of it is one.
-template <class T>
-T parse_number(const std::string& flag, const std::string& text) {
-  std::size_t used = 0;
-  T v{};
-  try {
-    if constexpr (std::is_integral_v<T>) v = static_cast<T>(std::stoll(text, &used));
-    else v = static_cast<T>(std::stod(text, &used));
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  HIVE_CHECK(used == text.size() && !text.empty(), "{} takes {}, got '{}'", flag,
-             std::is_integral_v<T> ? "an integer" : "a number", text);
-  return v;
-}
-
 /// `text` as an int within +-1e6 (counts of threads, batches, runs).
 inline int parse_small(const std::string& flag, const std::string& text) {
   const auto v = parse_number<std::int64_t>(flag, text);
@@ -183,20 +166,20 @@ inline Flags parse_flags(const std::vector<std::string>& args) {
     HIVE_CHECK(i + 1 < args.size(), "{} needs a value (see --help)", flag);
     const std::string value = args[++i];
     if (flag == "--servers") {
-      c.servers = detail::parse_number<std::int64_t>(flag, value);
+      c.servers = parse_number<std::int64_t>(flag, value);
       servers_given = true;
     } else if (flag == "--layers") {
-      layers = detail::parse_number<std::int64_t>(flag, value);
+      layers = parse_number<std::int64_t>(flag, value);
     } else if (flag == "--layers_per_server") {
-      c.layers_per_server = detail::parse_number<std::int64_t>(flag, value);
+      c.layers_per_server = parse_number<std::int64_t>(flag, value);
     } else if (flag == "--experts_per_layer") {
-      c.experts_per_layer = detail::parse_number<std::int64_t>(flag, value);
+      c.experts_per_layer = parse_number<std::int64_t>(flag, value);
     } else if (flag == "--hidden_dim") {
-      c.hidden_dim = detail::parse_number<std::int64_t>(flag, value);
+      c.hidden_dim = parse_number<std::int64_t>(flag, value);
     } else if (flag == "--block" || flag == "--block_type") {
       c.block = value;
     } else if (flag == "--batch_size") {
-      c.batch_size = detail::parse_number<std::int64_t>(flag, value);
+      c.batch_size = parse_number<std::int64_t>(flag, value);
     } else if (flag == "--trainers" || flag == "-j" || flag == "--jobs") {
       c.trainers = detail::parse_small(flag, value);
     } else if (flag == "--batches") {
@@ -205,14 +188,14 @@ inline Flags parse_flags(const std::vector<std::string>& args) {
       c.runs = detail::parse_small(flag, value);
     } else if (flag == "--latencies") {
       c.latencies_ms.clear();
-      for (const auto& part : split_commas(value)) c.latencies_ms.push_back(detail::parse_number<double>(flag, part));
+      for (const auto& part : split_commas(value)) c.latencies_ms.push_back(parse_number<double>(flag, part));
     } else if (flag == "--hosts") {
       c.hosts = split_commas(value);
       HIVE_CHECK(!c.hosts.empty(), "--hosts needs at least one host:port");
     } else if (flag == "--timeout") {
-      c.timeout_s = detail::parse_number<double>(flag, value);
+      c.timeout_s = parse_number<double>(flag, value);
     } else if (flag == "--seed") {
-      const auto seed = detail::parse_number<std::int64_t>(flag, value);
+      const auto seed = parse_number<std::int64_t>(flag, value);
       HIVE_CHECK(seed >= 0, "--seed must not be negative");
       c.seed = static_cast<std::uint64_t>(seed);
     } else if (flag == "--out") {

@@ -148,6 +148,15 @@ struct ExactError {
   std::string text;
 };
 
+/// Counts one operation in flight for as long as it lives (strand-confined counters).
+struct InFlight {
+  std::uint32_t& n;
+  explicit InFlight(std::uint32_t& counter) : n(counter) { ++n; }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+  ~InFlight() { --n; }
+};
+
 /// A frame waiting to be written, with its completion.
 struct WriteItem {
   const EncodedFrame* frame = nullptr;
@@ -795,11 +804,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     if (dial_backs_ >= options_.max_dial_backs())
       throw Error(errc::limit_exceeded, fmt::format("{} dial-backs in progress, the limit", dial_backs_));
     const auto address = HostPort{HostPort::parse(ctx.remote_address).host, h["port"].get<std::uint16_t>()}.str();
-    ++dial_backs_;
-    struct Done {
-      std::uint32_t& n;
-      ~Done() { --n; }
-    } done{dial_backs_};
+    const detail::InFlight counted{dial_backs_};
     nlohmann::json reply{{"reachable", false}, {"address", address}};
     std::shared_ptr<Connection> conn;
     try {
@@ -879,12 +884,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     Seconds timeout = options_.request_timeout();
     if (m.header.contains("timeout") && m.header["timeout"].is_number() && m.header["timeout"].get<double>() > 0)
       timeout = std::min(timeout, Seconds(m.header["timeout"].get<double>()));
-    ++relayed_in_flight_;
+    const detail::InFlight counted{relayed_in_flight_};
     ++relayed_calls_;
-    struct Done {
-      std::uint32_t& n;
-      ~Done() { --n; }
-    } done{relayed_in_flight_};
     Message inner{nlohmann::json{{"from", ctx.remote_address}, {"method", std::move(method)}, {"header", std::move(m.header["header"])}},
                   std::move(m.blobs)};
     try {
@@ -897,10 +898,12 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     }
   }
 
+  // Hex of `bytes` bytes from the system's entropy source (getrandom): peer ids are public and
+  // reservation tokens must not be guessable from them, so no seeded generator.
   static std::string random_hex(std::size_t bytes) {
-    thread_local std::mt19937_64 rng{std::random_device{}()};
+    std::random_device entropy;
     std::string out;
-    for (std::size_t i = 0; i < bytes; ++i) out += fmt::format("{:02x}", static_cast<unsigned>(rng() & 0xff));
+    for (std::size_t i = 0; i < bytes; ++i) out += fmt::format("{:02x}", entropy() & 0xffu);
     return out;
   }
 
