@@ -7,7 +7,8 @@
 //                       [--initial_group_bits 00|spread] [--matchmaking_time 5] [--request_timeout 3]
 //                       [--allreduce_timeout 60] [--part_size_bytes 524288]
 //                       [--allreduce_peers 8] [--allreduce_mib 64] [--allreduce_rounds 3]
-//                       [--allreduce_strategy both|butterfly|gloo] [--pause 0]
+//                       [--allreduce_strategy both|butterfly|gloo] [--allreduce_aggregation mean]
+//                       [--pause 0]
 //                       [--collaborative_peers 4] [--collaborative_samples 8000] [--seed 0]
 //
 // Part 1 (hivemind's benchmark): --peers averagers, each over --num_tensors random tensors of
@@ -31,6 +32,9 @@
 // Part 2 runs once per strategy (--allreduce_strategy, default both): Butterfly's figures are
 // allreduce_*, Gloo's (c10d::ProcessGroupGloo rebuilt per round, averaging::Gloo)
 // gloo_allreduce_*, same sizes, same peers count, one after the other.
+// --allreduce_aggregation centered_clip makes Butterfly's reducers aggregate with CenteredClip
+// (20 iterations every chunk: eps 0; τ = 100 RMS, so the N(0,1) vectors are not clipped and
+// the result is still the mean that the check expects), to measure its cost against the mean.
 // The averaged vector is checked against the mean of the peers' vectors (max abs error <= 1e-5;
 // the exit code is 1 when it fails). Before part 2 the benchmark checks MemAvailable and halves
 // --allreduce_mib until its estimate fits (it says so).
@@ -103,6 +107,7 @@ struct Args {
   double allreduce_mib = 64;
   int allreduce_rounds = 3;
   std::string allreduce_strategy = "both";
+  std::string allreduce_aggregation = "mean";
   double pause = 0;
   int collaborative_peers = 4;
   std::int64_t collaborative_samples = 8000;
@@ -133,6 +138,7 @@ void usage() {
       "  --allreduce_mib M       float32 vector size per peer, MiB (default {})\n"
       "  --allreduce_rounds N    all-reduces; allreduce_s is the median (default {})\n"
       "  --allreduce_strategy S  butterfly, gloo or both (default {}; gloo's figures are gloo_allreduce_*)\n"
+      "  --allreduce_aggregation A  butterfly's reducers: mean or centered_clip (20 iterations; default {})\n"
       "Part 3, bytes sent by collaborative training (emulated network, Fashion-MNIST MLP):\n"
       "  --collaborative_peers N peers of each swarm; 0 skips part 3 (default {})\n"
       "  --collaborative_samples N training images, six passes (default {})\n"
@@ -147,7 +153,7 @@ void usage() {
       d.peers, d.target_group_size, d.min_group_size, d.rounds, d.num_tensors, d.tensor_size,
       d.num_tensors * d.tensor_size * 4 / (1 << 20), d.compression, d.initial_group_bits, d.matchmaking_time,
       d.request_timeout, d.allreduce_timeout, d.part_size_bytes, d.allreduce_peers, d.allreduce_mib,
-      d.allreduce_rounds, d.allreduce_strategy, d.collaborative_peers, d.collaborative_samples, d.pause, d.seed);
+      d.allreduce_rounds, d.allreduce_strategy, d.allreduce_aggregation, d.collaborative_peers, d.collaborative_samples, d.pause, d.seed);
 }
 
 Args parse(int argc, char** argv) {
@@ -178,6 +184,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--allreduce_mib") a.allreduce_mib = std::stod(v());
     else if (k == "--allreduce_rounds") a.allreduce_rounds = std::stoi(v());
     else if (k == "--allreduce_strategy") a.allreduce_strategy = v();
+    else if (k == "--allreduce_aggregation") a.allreduce_aggregation = v();
     else if (k == "--pause") a.pause = std::stod(v());
     else if (k == "--seed") a.seed = std::stoull(v());
     else if (k == "--collaborative_peers") a.collaborative_peers = std::stoi(v());
@@ -204,6 +211,10 @@ Args parse(int argc, char** argv) {
   HIVE_CHECK(a.allreduce_rounds >= 1 && a.allreduce_rounds <= 100, "--allreduce_rounds must be in [1, 100]");
   HIVE_CHECK(a.allreduce_strategy == "both" || a.allreduce_strategy == "butterfly" || a.allreduce_strategy == "gloo",
              "--allreduce_strategy must be butterfly, gloo or both, got '{}'", a.allreduce_strategy);
+  HIVE_CHECK(a.allreduce_aggregation == "mean" || a.allreduce_aggregation == "centered_clip",
+             "--allreduce_aggregation must be mean or centered_clip, got '{}'", a.allreduce_aggregation);
+  HIVE_CHECK(a.allreduce_aggregation == "mean" || a.allreduce_strategy == "butterfly",
+             "--allreduce_aggregation centered_clip needs --allreduce_strategy butterfly");
   HIVE_CHECK(a.pause >= 0 && a.pause <= 600, "--pause must be in [0, 600]");
   HIVE_CHECK(a.collaborative_peers == 0 || (a.collaborative_peers >= 2 && a.collaborative_peers <= 16),
              "--collaborative_peers must be 0 or in [2, 16]");
@@ -522,8 +533,10 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
   const int n = a.allreduce_peers;
   double mib = a.allreduce_mib;
   // Per peer: its tensor, the flattened copy, the result, and up to a vector's worth of chunks
-  // in flight; plus the float64 reference mean.
-  auto estimate = [&](double m) { return (5.0 * n + 2.0) * m * (1 << 20); };
+  // in flight (CenteredClip: one more, the chunks its reducer keeps); plus the float64
+  // reference mean.
+  const bool clip = a.allreduce_aggregation == "centered_clip";
+  auto estimate = [&](double m) { return ((clip ? 6.0 : 5.0) * n + 2.0) * m * (1 << 20); };
   const double available = mem_available_bytes();
   std::string reduced;
   while (available > 0 && estimate(mib) > 0.7 * available && mib > 1) mib /= 2;
@@ -534,9 +547,10 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
   }
   const auto elements = static_cast<std::int64_t>(std::llround(mib * (1 << 20) / 4));
   const double bytes = static_cast<double>(elements) * 4;
-  fmt::print("part 2 ({}): {} peers, one float32 vector of {} MiB ({} elements) each, one group of {}, compression "
+  fmt::print("part 2 ({}, {}): {} peers, one float32 vector of {} MiB ({} elements) each, one group of {}, compression "
              "none, {} all-reduce(s); memory estimate {:.1f} GiB of {:.1f} GiB available\n",
-             strategy, n, mib, elements, n, a.allreduce_rounds, estimate(mib) / (1 << 30), available / (1 << 30));
+             strategy, a.allreduce_aggregation, n, mib, elements, n, a.allreduce_rounds, estimate(mib) / (1 << 30),
+             available / (1 << 30));
   std::fflush(stdout);
 
   CpuWatch cpu;
@@ -552,6 +566,12 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
                        .target_group_size(static_cast<std::size_t>(n))
                        .min_group_size(2)
                        .compression(hive::Compression::none);
+    if (clip)
+      options.aggregation(hive::averaging::AggregationOptions()
+                              .method(hive::averaging::Aggregation::centered_clip)
+                              .tau(100)
+                              .max_iterations(20)
+                              .eps(0));
     swarm.averagers.push_back(std::make_unique<A>(*swarm.dhts[static_cast<std::size_t>(i)], std::move(tensors), options));
   }
   mean.div_(n);
@@ -597,6 +617,7 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
   for (double x : ar) ar_rounded.push_back(round_to(x, 4));
   auto name = [&](std::string_view suffix) { return key + std::string(suffix); };
   nlohmann::json out = {{name("_peers"), n},
+                        {name("_aggregation"), a.allreduce_aggregation},
                         {name("_mib"), mib},
                         {name("_rounds"), a.allreduce_rounds},
                         {name("_s"), round_to(allreduce_s, 4)},

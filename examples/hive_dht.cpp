@@ -4,7 +4,8 @@
 //
 //   hive-dht [--listen_on HOST:PORT] [--initial_peers A,B,...] [--refresh_period SECONDS]
 //            [--announce_host HOST] [--relay [--max_reservations N] [--max_relayed_calls N]]
-//            [--relays A,B,...] [--num_relays N] [--no_relay] [--config FILE.json] [--help]
+//            [--relays A,B,...] [--num_relays N] [--no_relay] [--identity_path FILE]
+//            [--config FILE.json] [--help]
 //   hive-dht --initial_peers A --store KEY VALUE [--subkey S] [--expiration SECONDS]
 //   hive-dht --initial_peers A --get KEY [--latest]
 
@@ -44,6 +45,9 @@ options:
   --no_relay                 do not relay for others
   --relays A,B,...           relays to reserve at first if this peer turns out to be behind NAT
   --num_relays N             relays to keep reservations at when behind NAT (default 2; 0: a client)
+  --identity_path FILE       this peer's key (Ed25519), created with mode 0600 when missing; the peer
+                             id derives from it, so keeping the file keeps the id and the records this
+                             peer owns (default: a new identity each run)
   --config FILE              DHTOptions as JSON (see docs/dht.md); flags override it
   --help                     this text
 
@@ -155,6 +159,8 @@ int main(int argc, char** argv) try {
       const auto n = hive::examples::parse_number<std::int64_t>(flag, value());
       if (n < 0 || n > 64) throw hive::InvalidArgument(fmt::format("--num_relays must be in 0..64, got {}", n));
       options.node().nat().num_relays(static_cast<std::size_t>(n));
+    } else if (flag == "--identity_path") {
+      options.rpc().identity_path(value());
     } else if (flag == "--relays") {
       for (auto& p : split_commas(value())) options.node().nat().relays().push_back(p);
     } else if (flag == "--store") {
@@ -188,7 +194,8 @@ int main(int argc, char** argv) try {
 
   hive::DHT dht(options);
   const auto addresses = dht.visible_addresses();
-  fmt::print("hive-dht peer {} is running\n", dht.peer_id());
+  fmt::print("hive-dht peer {} is running, identity {}{}\n", dht.peer_id(), dht.identity().peer_id(),
+             options.rpc().identity_path().empty() ? " (new this run)" : fmt::format(" (from {})", options.rpc().identity_path()));
   auto node = dht.node();
   fmt::print("Reachability: {}\n", hive::net::to_string(node->reachability()));
   if (node->reachability() == hive::net::Reachability::unreachable)

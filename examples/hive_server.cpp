@@ -44,6 +44,8 @@ network:
   --announce_host HOST       host announced instead of a wildcard listen address (default: the host
                              other peers see this one at, else this machine's interface address)
   --update_period SECONDS    how often experts are re-announced (default 30)
+  --identity_path FILE       this server's key (Ed25519), created with mode 0600 when missing; its
+                             peer id derives from it (default: a new identity each run)
 
 batching and compute:
   --max_batch_size N         most rows per batch (default 4096)
@@ -115,6 +117,8 @@ int main(int argc, char** argv) try {
       for (auto& p : split_commas(value())) options.dht().initial_peers().push_back(p);
     } else if (flag == "--announce_host") {
       options.dht().announce_host(value());
+    } else if (flag == "--identity_path") {
+      options.dht().rpc().identity_path(value());
     } else if (flag == "--update_period") {
       options.update_period(seconds());
     } else if (flag == "--max_batch_size") {

@@ -9,6 +9,7 @@ packages=(
   libgloo-dev           # headers of libtorch's Gloo backend (averaging::Gloo; the library comes with libtorch)
   libopenblas0-pthread  # without it libtorch's matrix kernels run ~20x slower
   libasio-dev           # networking, timers, coroutines (standalone)
+  libsodium-dev         # peer identities and signed records (Ed25519), the connection handshake
   libopendht-dev        # OpenDHT, the second DHT routing model (dht::OpenDHT)
   pkg-config            # how CMake finds OpenDHT
   nlohmann-json3-dev    # config files and MessagePack wire headers

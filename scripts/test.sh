@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test binaries in build/ (RelWithDebInfo) and runs every test with ctest. This is
-# what CI runs; exits non-zero when set-up, the build or any test fails, or no test ran.
+# Builds the test binaries in build/ (RelWithDebInfo) and runs every test with ctest, then runs
+# each fuzz target for 30 s (scripts/fuzz.sh). This is what CI runs; exits non-zero when set-up,
+# a build or any test fails, no test ran, or a fuzz target found a crash, leak or hang.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,3 +15,6 @@ cmake --build build --target hive_tests -j "$jobs"
 # -j2: each test binary is itself multithreaded, more would only oversubscribe 2 cores.
 # --no-tests=error: a build that registered nothing must not pass as "no failures".
 ctest --test-dir build --output-on-failure -j 2 --no-tests=error
+# Every libFuzzer target for 30 s from its seeds, under ASan and UBSan (a clang build in
+# build-fuzz/; docs/fuzzing.md).
+bash scripts/fuzz.sh --seconds 30

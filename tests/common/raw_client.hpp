@@ -4,6 +4,7 @@
 // another machine for per-source limits).
 
 #include <hive/net/frame.hpp>
+#include <hive/net/handshake.hpp>
 #include <hive/net/transport.hpp>
 
 #include <arpa/inet.h>
@@ -51,8 +52,10 @@ inline std::vector<std::byte> request_bytes(std::uint64_t call_id, std::string m
 class RawClient {
  public:
   /// Connects to "host:port" (IPv4) from `source` (an IPv4 address, empty for any), with a
-  /// receive buffer of `rcvbuf` bytes when positive. Throws std::runtime_error on failure.
-  explicit RawClient(const std::string& address, const std::string& source = "", int rcvbuf = 0) {
+  /// receive buffer of `rcvbuf` bytes when positive, and completes the handshake as a new
+  /// identity unless `handshake` is false. Throws std::runtime_error on failure.
+  explicit RawClient(const std::string& address, const std::string& source = "", int rcvbuf = 0,
+                     bool handshake = true) {
     const auto hp = net::HostPort::parse(address);
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     if (fd_ < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
@@ -68,7 +71,27 @@ class RawClient {
     remote.sin_port = htons(hp.port);
     ::inet_pton(AF_INET, hp.host.c_str(), &remote.sin_addr);
     if (::connect(fd_, reinterpret_cast<sockaddr*>(&remote), sizeof remote) != 0) fail("connect");
+    if (handshake) peer_ = this->handshake(Identity::generate());
   }
+
+  /// Proves `me` to the peer (docs/protocol.md, "Handshake") and returns the peer's id, which
+  /// its signature proved. Throws std::runtime_error when the peer's answer is missing or wrong.
+  std::string handshake(const Identity& me) {
+    const net::Hello mine{me.public_key(), net::random_nonce(), {}};
+    send(net::encode_frame(net::hello_frame(mine, true)).flatten());
+    auto answer = read_frame();
+    if (!answer) throw std::runtime_error("handshake: no answer");
+    const auto theirs = net::parse_hello(*answer, false);
+    if (!verify_signature(theirs.key, net::handshake_transcript('S', mine.key, mine.nonce, theirs.key, theirs.nonce),
+                          *theirs.signature))
+      throw std::runtime_error("handshake: the peer's signature is wrong");
+    send(net::encode_frame(net::auth_frame(me.sign(net::handshake_transcript('C', mine.key, mine.nonce, theirs.key, theirs.nonce))))
+             .flatten());
+    return peer_id_of(theirs.key);
+  }
+
+  /// The peer id the handshake proved, empty without one.
+  [[nodiscard]] const std::string& peer() const noexcept { return peer_; }
   RawClient(const RawClient&) = delete;
   RawClient& operator=(const RawClient&) = delete;
   ~RawClient() {
@@ -112,6 +135,9 @@ class RawClient {
     return true;
   }
 
+  /// Closes the sending direction (the peer reads end of stream after what was sent).
+  void shutdown_send() { ::shutdown(fd_, SHUT_WR); }
+
   /// True once the peer closed the connection (or reset it).
   [[nodiscard]] bool closed() const noexcept { return closed_; }
 
@@ -140,6 +166,7 @@ class RawClient {
   }
 
   int fd_ = -1;
+  std::string peer_;
   std::vector<std::byte> got_;
   bool closed_ = false;
 };

@@ -131,7 +131,7 @@ TEST_CASE("hostile header: deeply nested MessagePack gets an error reply and the
 TEST_CASE("hostile connections: a sender that stalls mid-frame or idles is cut off, others are served") {
   DHT victim(victim_options()
                  .transport(net::TcpOptions().frame_timeout(Seconds(0.5)).min_receive_rate(1e9))
-                 .rpc(net::RpcOptions().idle_timeout(Seconds(1))));
+                 .rpc(net::RpcOptions().idle_timeout(Seconds(1)).handshake_timeout(Seconds(1))));
   const auto address = address_of(victim);
   const auto ping = test::request_bytes(3, "dht.ping", nlohmann::json::object());
 
@@ -143,11 +143,13 @@ TEST_CASE("hostile connections: a sender that stalls mid-frame or idles is cut o
   std::memcpy(big.data(), &claimed, 4);
   body_stalled.send(std::span(big).first(net::prefix_bytes));
   body_stalled.send(std::vector<std::byte>(100 * 1024));
-  test::RawClient idle(address);  // connects and sends nothing
+  test::RawClient idle(address);  // proves its identity, then sends nothing
+  test::RawClient silent(address, "", 0, false);  // connects and never starts the handshake
 
   CHECK(prefix_only.wait_closed(10s));
   CHECK(body_stalled.wait_closed(10s));
   CHECK(idle.wait_closed(10s));
+  CHECK(silent.wait_closed(10s));
   CHECK(answers_ping(address));
 }
 
@@ -195,7 +197,7 @@ TEST_CASE("hostile connections: connections beyond the per-source cap are closed
   DHT victim(victim_options().rpc(net::RpcOptions().max_connections_per_source(4).limit_loopback(true)));
   const auto address = address_of(victim);
   std::vector<std::unique_ptr<test::RawClient>> flood;
-  for (int i = 0; i < 8; ++i) flood.push_back(std::make_unique<test::RawClient>(address, "127.0.0.2"));
+  for (int i = 0; i < 8; ++i) flood.push_back(std::make_unique<test::RawClient>(address, "127.0.0.2", 0, false));
   std::size_t closed = 0;
   for (auto& c : flood) closed += c->wait_closed(300ms) ? 1 : 0;
   CHECK(closed == 4);

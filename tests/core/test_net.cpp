@@ -1,4 +1,5 @@
 // The RPC layer over both transports, and the TCP transport against malformed frames.
+#include "../common/raw_client.hpp"
 #include "net_fixtures.hpp"
 
 #include <asio/read.hpp>
@@ -236,39 +237,21 @@ std::vector<std::byte> good_request_bytes(std::uint64_t call_id) {
 /// the server closed the connection (sets `closed`), or `limit` passed.
 std::vector<net::Frame> send_raw(const std::string& address, const std::vector<std::byte>& bytes, bool& closed,
                                  std::size_t want, std::chrono::milliseconds limit = 3000ms) {
-  asio::io_context io;
-  asio::ip::tcp::socket s(io);
-  auto hp = net::HostPort::parse(address);
-  s.connect({asio::ip::make_address(hp.host), hp.port});
-  asio::write(s, asio::buffer(bytes));
+  // After the handshake (a connection that skips it is refused whatever it sends).
+  test::RawClient c(address);
+  c.send(bytes);
   // Half-close: a frame cut short is then visibly truncated rather than merely slow.
-  s.shutdown(asio::socket_base::shutdown_send);
-  std::vector<std::byte> got;
+  c.shutdown_send();
   std::vector<net::Frame> frames;
-  std::size_t at = 0;
-  closed = false;
-  std::array<std::byte, 4096> chunk;
   const auto deadline = std::chrono::steady_clock::now() + limit;
   while (frames.size() < want) {
-    // Wait for bytes (or the peer closing) until the deadline.
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    pollfd p{s.native_handle(), POLLIN, 0};
-    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
-    std::error_code ec;
-    auto n = s.read_some(asio::buffer(chunk), ec);
-    if (ec) {
-      closed = true;
-      break;
-    }
-    got.insert(got.end(), chunk.begin(), chunk.begin() + static_cast<std::ptrdiff_t>(n));
-    while (got.size() - at >= net::prefix_bytes) {
-      std::uint32_t len;
-      std::memcpy(&len, got.data() + at, 4);
-      if (got.size() - at < len + 4ull) break;
-      frames.push_back(net::decode_frame(Buffer::copy_of(std::span(got.data() + at, len + 4ull)), Limits{}));
-      at += len + 4ull;
-    }
+    if (left.count() <= 0) break;
+    auto f = c.read_frame(left);
+    if (!f) break;
+    frames.push_back(std::move(*f));
   }
+  closed = c.closed() || c.wait_closed(0ms);
   return frames;
 }
 

@@ -2,6 +2,7 @@
 // strategies (exact, weighted, compressed), members that die mid-round, state transfer, and
 // training on Fashion-MNIST.
 #include "../../examples/common/fashion_mnist.hpp"
+#include "../../examples/common/seeded.hpp"
 #include "../common/averaging_swarm.hpp"
 #include "../common/wait.hpp"
 
@@ -307,19 +308,24 @@ struct FakeMember {
     return size;
   }
 
-  /// Sends chunk 0 of `flat`'s part of member `reducer` (a group of one chunk per part), and
-  /// gives up on the answer at once.
-  void send_part(const std::string& prefix, const at::Tensor& flat, std::size_t reducer) {
+  /// Sends chunk 0 of `flat`'s part of member `reducer` (a group of one chunk per part) with
+  /// `weight`, and gives up on the answer after `wait`; returns the error the reducer answered
+  /// with (empty when it answered with an average, or not in time).
+  std::string send_part(const std::string& prefix, const at::Tensor& flat, std::size_t reducer, double weight = 1.0,
+                        Seconds wait = Seconds(0.3)) {
     const auto parts = averaging::partition(group, flat.numel());
     const auto reducers = group.reducers();
     const auto p = static_cast<std::size_t>(std::find(reducers.begin(), reducers.end(), reducer) - reducers.begin());
     Message m;
-    m.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", 0}, {"weight", 1.0}, {"compression", "none"}};
+    m.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", 0}, {"weight", weight}, {"compression", "none"}};
     add_tensors(m, {flat.slice(0, parts[p].begin, parts[p].end).clone()});
     try {
-      rpc->call(group.members[reducer].address, averaging::method_for(averaging::part_method, prefix), std::move(m), Seconds(0.3));
+      rpc->call(group.members[reducer].address, averaging::method_for(averaging::part_method, prefix), std::move(m), wait);
+    } catch (const RemoteError& e) {
+      return e.what();
     } catch (const std::exception&) {  // the answer comes after all senders: not waited for
     }
+    return {};
   }
 };
 
@@ -690,6 +696,389 @@ TEST_CASE("averaging: the same Trainer code over the emulated network (latency 5
   REQUIRE(b_result.ok);
   CHECK(at::equal(a_model->weight, b_model->weight));
   CHECK(at::equal(a_model->bias, b_model->bias));
+}
+
+// ----- Byzantine-robust aggregation, bounded weights, dropped and banned members -----
+
+using averaging::Aggregation;
+using averaging::AggregationOptions;
+
+TEST_CASE("averaging: CenteredClip and the trimmed mean on known values, and their options validated") {
+  // Seven honest rows near 1, one row far away.
+  auto honest = at::ones({7, 6}, at::kDouble) + 0.01 * at::randn({7, 6}, at::kDouble);
+  auto rows = at::cat({honest, at::full({1, 6}, 1000.0, at::kDouble)});
+  auto w = at::ones({8}, at::kDouble);
+  const auto honest_mean = honest.mean(0);
+  auto rms = [](const at::Tensor& d) { return d.pow(2).mean().sqrt().item<double>(); };
+  const double tau = 0.5;
+  // The mean is dragged to ~126.
+  CHECK(rms(averaging::aggregate(rows, w, AggregationOptions()) - honest_mean) > 100);
+  for (auto start : {averaging::ClipStart::median, averaging::ClipStart::mean}) {
+    // From the mean (~126), every row is farther than τ and the center moves at most τ an
+    // iteration: ~300 iterations to get there. From the median, a few.
+    auto clip = AggregationOptions().method(Aggregation::centered_clip).tau(tau).max_iterations(1000).start(start);
+    // The far row pulls with weight 1 of 7 honest ones, at most τ: ‖v − mean‖ ≤ τ / 7 (RMS).
+    CHECK(rms(averaging::aggregate(rows, w, clip) - honest_mean) <= tau / 7 * 1.001);
+    // Deterministic: the same rows give the same bits.
+    CHECK(at::equal(averaging::aggregate(rows, w, clip), averaging::aggregate(rows, w, clip)));
+  }
+  // Trimmed mean: per coordinate, drop the smallest and the largest, weighted mean of the rest.
+  auto small = at::tensor({1.0, 2.0, 3.0, 4.0, 100.0}, at::kDouble).reshape({5, 1});
+  auto trimmed = AggregationOptions().method(Aggregation::trimmed_mean).trim(1);
+  CHECK(averaging::aggregate(small, at::ones({5}, at::kDouble), trimmed).item<double>() == doctest::Approx(3.0));
+  CHECK(averaging::aggregate(small, at::tensor({1.0, 1.0, 1.0, 3.0, 1.0}, at::kDouble), trimmed).item<double>() ==
+        doctest::Approx((2.0 + 3.0 + 3 * 4.0) / 5));
+  // With fewer rows than 2 × trim + 1, fewer are dropped: the median at worst.
+  CHECK(averaging::aggregate(small.slice(0, 0, 3), at::ones({3}, at::kDouble), AggregationOptions(trimmed).trim(2))
+            .item<double>() == doctest::Approx(2.0));
+  CHECK(at::allclose(averaging::aggregate(rows, w, trimmed), honest_mean, 0, 0.05));
+  // Ties keep the group's order: the same rows, the same bits.
+  auto ties = at::tensor({5.0, 5.0, 5.0, 1.0}, at::kDouble).reshape({4, 1});
+  CHECK(averaging::aggregate(ties, at::tensor({1.0, 2.0, 3.0, 1.0}, at::kDouble), trimmed).item<double>() ==
+        doctest::Approx(5.0));
+
+  // Bad options.
+  CHECK_THROWS_AS(AggregationOptions().tau(0).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().tau(std::nan("")).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().tau(INFINITY).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().max_iterations(0).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().eps(-1).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().method(Aggregation::trimmed_mean).trim(0).validate(), InvalidArgument);
+  CHECK_THROWS_AS(AggregationOptions().method(Aggregation::trimmed_mean).trim(2).validate(4), InvalidArgument);
+  CHECK_NOTHROW(AggregationOptions().method(Aggregation::trimmed_mean).trim(2).validate(5));
+  auto dhts = swarm(1);
+  auto tensors = peer_tensors(1);
+  // trim 1 needs groups of at least 3: min_group_size 2 is refused.
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("robust_opts", 4).aggregation(trimmed)), InvalidArgument);
+  CHECK_NOTHROW(Averager(*dhts[0], tensors, fast("robust_opts", 4).min_group_size(3).aggregation(trimmed)));
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("robust_opts", 4).max_weight(0)), InvalidArgument);
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("robust_opts", 4).max_weight(INFINITY)), InvalidArgument);
+  CHECK_THROWS_AS(Averager(*dhts[0], tensors, fast("robust_opts", 4).ban_duration(Seconds(-1))), InvalidArgument);
+  // JSON: by name; an unknown method is an error.
+  auto options = AveragerOptions::from_json_text(
+      R"({"prefix": "x", "min_group_size": 3, "max_weight": 64, "ban_duration": 30,
+          "aggregation": {"method": "trimmed_mean", "trim": 1}})");
+  CHECK(options.aggregation().method() == Aggregation::trimmed_mean);
+  CHECK(options.max_weight() == 64);
+  CHECK(options.ban_duration() == Seconds(30));
+  CHECK(nlohmann::json(AggregationOptions().method(Aggregation::centered_clip))["method"] == "centered_clip");
+  CHECK_THROWS_AS(AveragerOptions::from_json_text(R"({"aggregation": {"method": "median"}})"), InvalidArgument);
+}
+
+namespace {
+
+/// Peer i's vector: a base shared by all (N(0, 1)) plus its own noise (N(0, 0.1²)), as peers
+/// that train one model hold parameters near each other.
+std::vector<at::Tensor> near_tensors(std::size_t peer) {
+  auto base = at::randn({4000}, at::make_generator<at::CPUGeneratorImpl>(1));
+  auto noise = at::randn({4000}, at::make_generator<at::CPUGeneratorImpl>(100 + peer));
+  return {(base + 0.1 * noise).reshape({40, 100}).clone(), at::full({5}, 0.5)};
+}
+
+/// The attacks of a Byzantine peer on the parts it sends.
+averaging::PartTamper scaled_attack() {
+  return [](const at::Tensor& chunk) { return chunk * 1000; };
+}
+averaging::PartTamper random_attack() {
+  // Its own generator: only the attacker's io thread draws from it.
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(7);
+  return [generator](const at::Tensor& chunk) { return at::randn(chunk.sizes(), generator) * 100; };
+}
+
+/// Root mean square of a - b.
+double rms_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).pow(2).mean().sqrt().item<double>();
+}
+
+/// Eight peers on `dhts`, peer 7 sending its parts through `attack`; every peer aggregates with
+/// `aggregation`. Returns the honest peers' flattened results (after checking that they
+/// averaged completely and hold the same bits), and the honest peers' inputs.
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> attacked_round(std::vector<std::unique_ptr<DHT>>& dhts,
+                                                                           const std::string& prefix,
+                                                                           AggregationOptions aggregation,
+                                                                           averaging::PartTamper attack) {
+  const std::size_t n = dhts.size();
+  std::vector<std::vector<at::Tensor>> tensors;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  std::vector<at::Tensor> honest_inputs;
+  for (std::size_t i = 0; i < n; ++i) {
+    tensors.push_back(near_tensors(i));
+    if (i + 1 < n) honest_inputs.push_back(averaging::flatten_tensors(tensors.back()));
+    // 256-element chunks: each member's part travels in two chunks, each aggregated alone.
+    auto options = fast(prefix, n).min_group_size(3).part_size_bytes(1024).aggregation(aggregation);
+    if (i + 1 == n) options.tamper_outgoing_for_testing(attack);
+    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), options));
+  }
+  auto results = step_all(averagers);
+  std::vector<at::Tensor> honest;
+  for (std::size_t i = 0; i + 1 < n; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    CHECK(results[i].group_size == n);
+    CHECK(results[i].complete());  // scaled and random values are valid chunks: nobody is dropped
+    CHECK(results[i].dropped.empty());
+    honest.push_back(averaging::flatten_tensors(tensors[i]));
+    CHECK(at::equal(honest.back(), honest.front()));
+  }
+  return {honest, honest_inputs};
+}
+
+}  // namespace
+
+TEST_CASE("averaging: 1 of 8 peers sends scaled or random parts - CenteredClip and the trimmed mean stay within their bound of the honest mean, the plain mean does not") {
+  auto dhts = swarm(8);
+  const double tau = 1.0;
+  const auto clip = AggregationOptions().method(Aggregation::centered_clip).tau(tau).max_iterations(50).eps(1e-9);
+  const auto trimmed = AggregationOptions().method(Aggregation::trimmed_mean).trim(1);
+  for (auto [attack_name, attack] : {std::pair{"scaled", scaled_attack()}, std::pair{"random", random_attack()}}) {
+    const std::string name = attack_name;
+    INFO("attack: ", name);
+    {
+      // CenteredClip: at its fixed point the honest members (within τ of the center) pull it to
+      // their mean and the attacker, weight 1 of 7 honest, at most τ away: RMS(v − mean) ≤ τ/7.
+      auto [honest, inputs] = attacked_round(dhts, "clip_" + name, clip, attack);
+      const auto mean = at::stack(inputs).to(at::kDouble).mean(0);
+      MESSAGE(name, " attack, CenteredClip: RMS distance from the honest mean ", rms_diff(honest[0], mean),
+              " (bound ", tau / 7, ")");
+      CHECK(rms_diff(honest[0], mean) <= tau / 7);
+    }
+    {
+      // The trimmed mean (trim 1 of 8): every coordinate lies between the honest values' min and max.
+      auto [honest, inputs] = attacked_round(dhts, "trim_" + name, trimmed, attack);
+      const auto stacked = at::stack(inputs);
+      const auto lo = std::get<0>(stacked.min(0)), hi = std::get<0>(stacked.max(0));
+      const auto mean = stacked.to(at::kDouble).mean(0);
+      MESSAGE(name, " attack, trimmed mean: RMS distance from the honest mean ", rms_diff(honest[0], mean));
+      CHECK(at::all(honest[0] >= lo - 1e-5).item<bool>());
+      CHECK(at::all(honest[0] <= hi + 1e-5).item<bool>());
+      CHECK(rms_diff(honest[0], mean) <= tau / 7);
+    }
+    {
+      // The same attack on the plain mean: far beyond both bounds.
+      auto [honest, inputs] = attacked_round(dhts, "mean_" + name, AggregationOptions(), attack);
+      const auto mean = at::stack(inputs).to(at::kDouble).mean(0);
+      MESSAGE(name, " attack, plain mean: RMS distance from the honest mean ", rms_diff(honest[0], mean));
+      CHECK(rms_diff(honest[0], mean) > 10 * tau / 7);
+    }
+  }
+}
+
+namespace {
+
+/// Three honest peers and one (peer 3) whose parts go through `attack`: every honest peer drops
+/// and bans it, and averages the rest; its part keeps each honest peer's values, as when a
+/// member dies. A second round forms without it.
+void check_bad_parts_dropped(const std::string& prefix, averaging::PartTamper attack, const std::string& reason) {
+  auto dhts = swarm(4);
+  const auto attacker_address = dhts[3]->visible_addresses().at(0);
+  std::vector<std::vector<at::Tensor>> tensors, before;
+  std::vector<std::unique_ptr<Averager>> averagers;
+  for (std::size_t i = 0; i < 4; ++i) {
+    tensors.push_back(near_tensors(i));
+    before.push_back(clones(tensors.back()));
+    auto options = fast(prefix, 4).ban_duration(Seconds(600));
+    if (i == 3) options.tamper_outgoing_for_testing(attack);
+    averagers.push_back(std::make_unique<Averager>(*dhts[i], tensors.back(), options));
+  }
+  auto results = step_all(averagers);
+  REQUIRE(results[0].gathered.size() == 4);
+  // The attacker's index in the group (the order the leader fixed), from what each attached.
+  std::size_t attacker = 4;
+  for (std::size_t m = 0; m < 4; ++m)
+    if (results[0].gathered[m]["peer"] == 3) attacker = m;
+  REQUIRE(attacker < 4);
+  const auto flat_size = averaging::flatten_tensors(before[0]).numel();
+  const auto parts = averaging::split_evenly(flat_size, 4);  // no bandwidths announced
+  std::vector<at::Tensor> flat_before;
+  for (const auto& b : before) flat_before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
+  const auto honest_mean = (flat_before[0] + flat_before[1] + flat_before[2]) / 3;
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    REQUIRE(results[i].dropped.size() == 1);
+    CHECK(results[i].dropped[0].index == attacker);
+    CHECK(results[i].dropped[0].address == attacker_address);
+    CHECK(results[i].dropped[0].reason.find(reason) != std::string::npos);
+    REQUIRE(results[i].unaveraged.size() == 1);
+    CHECK(results[i].unaveraged[0].begin == parts[attacker].begin);
+    CHECK(results[i].unaveraged[0].end == parts[attacker].end);
+    const auto after = averaging::flatten_tensors(tensors[i]).to(at::kDouble);
+    for (std::size_t p = 0; p < 4; ++p) {
+      INFO("part ", p);
+      const auto got = after.slice(0, parts[p].begin, parts[p].end);
+      if (p == attacker) CHECK(at::equal(got, flat_before[i].slice(0, parts[p].begin, parts[p].end)));
+      else CHECK((got - honest_mean.slice(0, parts[p].begin, parts[p].end)).abs().max().item<double>() <= 1e-5);
+    }
+    const auto bans = averagers[i]->banned_peers();
+    REQUIRE(bans.size() == 1);
+    CHECK(bans[0].address == attacker_address);
+    CHECK(bans[0].until > SteadyClock::now() + std::chrono::seconds(500));
+  }
+  // The next round forms without it: the honest peers average completely; it finds no group.
+  for (std::size_t i = 0; i < 4; ++i) before[i] = clones(tensors[i]);
+  auto again = step_all(averagers);
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", again[i].error);
+    REQUIRE(again[i].ok);
+    CHECK(again[i].group_size == 3);
+    CHECK(again[i].complete());
+    CHECK(max_abs_diff(tensors[i], expected_mean({before[0], before[1], before[2]}, {1, 1, 1})) <= 1e-5);
+  }
+  INFO("attacker: ", again[3].error);
+  CHECK_FALSE(again[3].ok);
+  // An operator may lift a ban.
+  averagers[0]->lift_ban(attacker_address);
+  CHECK(averagers[0]->banned_peers().empty());
+}
+
+}  // namespace
+
+TEST_CASE("averaging: a member that sends NaN parts is dropped and banned, and the honest peers average the rest") {
+  check_bad_parts_dropped("nan_parts", [](const at::Tensor& c) { return at::full_like(c, NAN); }, "non-finite");
+}
+
+TEST_CASE("averaging: a member that sends parts of the wrong shape or dtype is dropped and banned") {
+  SUBCASE("one element too many") {
+    check_bad_parts_dropped("long_parts", [](const at::Tensor& c) { return at::cat({c, at::zeros({1})}); },
+                            "should be a float vector");
+  }
+  SUBCASE("two dimensions") {
+    check_bad_parts_dropped("2d_parts", [](const at::Tensor& c) { return c.reshape({1, -1}); }, "should be a float vector");
+  }
+  SUBCASE("integers") {
+    check_bad_parts_dropped("int_parts", [](const at::Tensor& c) { return c.to(at::kInt); }, "should be a float vector");
+  }
+}
+
+TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped and banned") {
+  // This peer's own step refuses it before anything is sent.
+  {
+    auto dhts = swarm(1);
+    auto tensors = peer_tensors(1);
+    Averager averager(*dhts[0], tensors, fast("own_weight", 2).max_weight(100));
+    CHECK_THROWS_AS(averager.step(1e30), InvalidArgument);
+    CHECK_THROWS_AS(averager.step(std::nan("")), InvalidArgument);
+    CHECK_THROWS_AS(averager.step(INFINITY), InvalidArgument);
+    CHECK_THROWS_AS(averager.step(101), InvalidArgument);
+  }
+  // A hand-written member sends its chunks with such a weight to the three honest reducers.
+  for (double weight : {1e30, std::nan("")}) {
+    INFO("weight ", weight);
+    const std::string prefix = std::isnan(weight) ? "nan_weight" : "huge_weight";
+    Peers<> peers(swarm(3), 50, fast(prefix, 4));
+    auto fake = std::make_unique<FakeMember>(false);
+    const auto fake_flat = averaging::flatten_tensors(peer_tensors(98));
+    std::vector<std::string> refusals;
+    auto joined = std::async(std::launch::async, [&] {
+      auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
+      for (std::size_t m = 0; m < fake->group.size(); ++m)
+        if (m != fake->group.my_index) refusals.push_back(fake->send_part(prefix, fake_flat, m, weight, Seconds(5)));
+      fake->rpc->close();
+      return n;
+    });
+    auto results = step_all(peers.averagers);
+    REQUIRE(joined.get() == 4);
+    const auto& group = fake->group;
+    for (const auto& r : refusals) {
+      INFO(r);
+      CHECK(r.find("weight") != std::string::npos);
+    }
+    const auto parts = averaging::partition(group, averaging::flatten_tensors(peers.before[0]).numel());
+    std::vector<at::Tensor> before;
+    for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
+    const auto honest_mean = (before[0] + before[1] + before[2]) / 3;
+    for (std::size_t i = 0; i < 3; ++i) {
+      INFO("peer ", i, ": ", results[i].error);
+      REQUIRE(results[i].ok);
+      REQUIRE(results[i].dropped.size() == 1);
+      CHECK(results[i].dropped[0].index == group.my_index);
+      CHECK(results[i].dropped[0].reason.find("weight") != std::string::npos);
+      const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
+      for (std::size_t p = 0; p < parts.size(); ++p)
+        if (p != group.my_index)
+          CHECK((after.slice(0, parts[p].begin, parts[p].end) - honest_mean.slice(0, parts[p].begin, parts[p].end))
+                    .abs()
+                    .max()
+                    .item<double>() <= 1e-5);
+      const auto bans = peers.averagers[i]->banned_peers();
+      REQUIRE(bans.size() == 1);
+      CHECK(bans[0].address == fake->address);
+    }
+  }
+}
+
+namespace {
+
+/// Trains small_model on Fashion-MNIST with `peers` peers averaging their parameters every 5
+/// steps with `averager`'s aggregation, each on its own shard; with `attack`, the last peer
+/// trains as the others but sends its parts through it. Returns each honest peer's accuracy,
+/// after checking that it averaged in at least half of its rounds and in the last one.
+std::vector<double> fashion_mnist_under_attack(const std::string& prefix, std::int64_t peers,
+                                               const AveragerOptions& averager, averaging::PartTamper attack) {
+  at::set_num_threads(1);
+  constexpr std::int64_t shard = 1600, batch = 32;
+  constexpr int epochs = 3;
+  static const auto train = examples::load_fashion_mnist(true, 5 * shard);
+  static const auto test = examples::load_fashion_mnist(false, 2000);
+  const std::int64_t honest = attack ? peers - 1 : peers;
+  auto dhts = swarm(static_cast<std::size_t>(peers));
+  std::vector<double> accuracies(static_cast<std::size_t>(honest));
+  std::vector<optim::DecentralizedStats> stats(static_cast<std::size_t>(honest));
+  std::vector<char> last_ok(static_cast<std::size_t>(honest), 0);
+  std::vector<std::thread> threads;
+  std::latch trained(peers);
+  for (std::int64_t p = 0; p < peers; ++p)
+    threads.emplace_back([&, p] {
+      auto model = examples::seeded(7, [] { return small_model(7); });
+      torch::optim::SGD sgd(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+      auto options = optim::DecentralizedOptions().prefix(prefix).averaging_steps_period(5).averager(averager);
+      options.target_group_size(static_cast<std::size_t>(peers)).averager().prefix(prefix).matchmaking_time(Seconds(2));
+      if (p == honest) options.averager().tamper_outgoing_for_testing(attack);
+      optim::DecentralizedOptimizer opt(sgd, *dhts[static_cast<std::size_t>(p)], options);
+      int step = 0;
+      // The attacker trains on shard 4; the honest peers on shards 0..3 in both runs.
+      const std::int64_t first = (p == honest ? 4 : p) * shard;
+      for (int e = 0; e < epochs; ++e)
+        for (std::int64_t b = first; b < first + shard; b += batch) {
+          opt.zero_grad();
+          torch::nn::functional::cross_entropy(model->forward(train.images.slice(0, b, b + batch)),
+                                               train.labels.slice(0, b, b + batch))
+              .backward();
+          opt.step();
+          if (++step % 5 == 0) opt.wait_for_round(Seconds(10));
+        }
+      trained.arrive_and_wait();
+      const auto last = opt.average_now();
+      if (p < honest) {
+        accuracies[static_cast<std::size_t>(p)] = accuracy(model, test);
+        stats[static_cast<std::size_t>(p)] = opt.stats();
+        last_ok[static_cast<std::size_t>(p)] = last.ok;
+      }
+      opt.shutdown();
+    });
+  for (auto& t : threads) t.join();
+  for (std::int64_t p = 0; p < honest; ++p) {
+    const auto& st = stats[static_cast<std::size_t>(p)];
+    INFO(prefix, " peer ", p, ": ", st.averaged, " of ", st.rounds, " rounds averaged");
+    CHECK(st.averaged >= st.rounds / 2);
+    CHECK(last_ok[static_cast<std::size_t>(p)]);
+  }
+  return accuracies;
+}
+
+}  // namespace
+
+TEST_CASE("averaging: Fashion-MNIST with 1 of 5 peers sending scaled parts - CenteredClip stays within 3 points of the run without attacker") {
+  const auto clean = fashion_mnist_under_attack("fmnist_clean", 4, fast("", 4), nullptr);
+  const auto clip = fast("", 5).aggregation(
+      AggregationOptions().method(Aggregation::centered_clip).tau(1e-3).max_iterations(20));
+  const auto attacked = fashion_mnist_under_attack("fmnist_clip", 5, clip, scaled_attack());
+  double clean_min = 100;
+  for (double a : clean) clean_min = std::min(clean_min, a);
+  for (std::size_t p = 0; p < attacked.size(); ++p) {
+    MESSAGE("peer ", p, ": ", clean[p], "% without attacker, ", attacked[p], "% with one, under CenteredClip");
+    CHECK(attacked[p] >= clean_min - 3.0);
+  }
 }
 
 #ifdef HIVE_AVERAGING_PEER

@@ -11,6 +11,7 @@
 #include <hive/fwd.hpp>
 #include <hive/averaging/butterfly.hpp>
 #include <hive/averaging/group.hpp>
+#include <hive/averaging/robust.hpp>
 #include <hive/averaging/state.hpp>
 #include <hive/core/log.hpp>
 #include <hive/dht/dht.hpp>
@@ -83,9 +84,28 @@ struct AveragerOptions {
   HIVE_ARG(Seconds, declare_state_period, Seconds(10));
   /// Largest reply of a state download, in bytes (each reply carries at least one tensor).
   HIVE_ARG(std::int64_t, state_part_bytes, std::int64_t{8} << 20);
+  /// How the part this peer reduces is aggregated: the weighted mean (default), CenteredClip
+  /// or a coordinate-wise trimmed mean (robust to members that send arbitrary values). Use the
+  /// same on every peer of a run. Butterfly only: the Gloo strategy fails a round that asks
+  /// for another method.
+  HIVE_ARG(AggregationOptions, aggregation, AggregationOptions());
+  /// Largest weight a member may claim (> 0, finite). This peer's step() throws
+  /// hive::InvalidArgument above it; a member whose chunk claims a weight that is not a finite
+  /// number in [0, max_weight] is dropped from the round and banned. Use the same on every
+  /// peer of a run, near the largest weight an honest peer gives (e.g. its batch size).
+  HIVE_ARG(double, max_weight, 1e6);
+  /// How long a member that sent a chunk failing validation (wrong dtype, shape or size,
+  /// non-finite values, a weight out of bounds) is banned from groups with this peer (≥ 0;
+  /// 0: dropped from that round only).
+  HIVE_ARG(Seconds, ban_duration, Seconds(300));
+  /// FOR TESTING ATTACKS ONLY (not in JSON): a function applied to every chunk this peer sends
+  /// to another member, whose result goes on the wire instead; tests use it to play a
+  /// Byzantine peer (scaled, random, NaN or misshapen parts). Empty (honest) by default.
+  HIVE_ARG(PartTamper, tamper_outgoing_for_testing, PartTamper());
   HIVE_OPTIONS_JSON(AveragerOptions, prefix, target_group_size, min_group_size, initial_group_bits, matchmaking_time,
                     request_timeout, allreduce_timeout, sender_timeout, reducer_timeout, compression, part_size_bytes,
-                    client_mode, auxiliary, bandwidth, declare_state_period, state_part_bytes)
+                    client_mode, auxiliary, bandwidth, declare_state_period, state_part_bytes, aggregation, max_weight,
+                    ban_duration)
 };
 
 /// What a step did.
@@ -101,6 +121,9 @@ struct StepResult {
   std::string group_id;
   /// What each member attached to the round, in the group's order.
   std::vector<nlohmann::json> gathered;
+  /// Members this peer dropped from the round (a chunk or answer that failed validation, or a
+  /// member banned here); the parts they reduce are in `unaveraged`.
+  std::vector<DroppedMember> dropped;
   /// Why the step did not average, when it did not.
   std::string error;
   /// The same as a code: errc::shutdown (the averager is stopping), errc::invalid_argument
@@ -200,7 +223,7 @@ class DecentralizedAverager {
   /// with `code` set, not an exception.
   template <class Token = asio::use_future_t<>>
   auto async_step(double weight = 1.0, nlohmann::json gather = nullptr, Token&& token = {}) {
-    HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+    check_weight(weight);
     auto core = core_;
     auto op = [core, weight, gather = std::move(gather)]() -> asio::awaitable<StepResult> {
       co_return co_await core->round(weight, gather, nullptr);
@@ -216,7 +239,7 @@ class DecentralizedAverager {
   StepResult step_with(std::function<asio::awaitable<void>(RoundContext&)> body, double weight = 1.0,
                        nlohmann::json gather = nullptr) {
     HIVE_CHECK(body, "step_with needs a body");
-    HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+    check_weight(weight);
     auto core = core_;
     auto op = [core, weight, gather = std::move(gather), body = std::move(body)]() -> asio::awaitable<StepResult> {
       co_return co_await core->round(weight, gather, body);
@@ -274,6 +297,21 @@ class DecentralizedAverager {
   /// True for an auxiliary peer (AveragerOptions::auxiliary).
   [[nodiscard]] bool auxiliary() const noexcept { return core_->options.auxiliary(); }
 
+  /// The peers banned from this peer's groups now (for sending what failed validation), with
+  /// when each ban ends and why. Any thread but the DHT's io threads.
+  [[nodiscard]] std::vector<Ban> banned_peers() const {
+    std::vector<Ban> out;
+    auto core = core_;
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { out = core->bans->list(); });
+    return out;
+  }
+  /// Lifts the ban on `address`, if any (an operator who knows better). Any thread but the
+  /// DHT's io threads.
+  void lift_ban(const std::string& address) {
+    auto core = core_;
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->bans->lift(address); });
+  }
+
   /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
   /// The tensors are left as they are.
   void shutdown() {
@@ -284,6 +322,12 @@ class DecentralizedAverager {
 
  private:
   using Runner = typename A::template Runner<T>;
+
+  void check_weight(double weight) const {
+    HIVE_CHECK(std::isfinite(weight) && weight >= 0 && weight <= core_->options.max_weight(),
+               "averaging weight must be a finite number in [0, max_weight = {}], got {}", core_->options.max_weight(),
+               weight);
+  }
   enum class Phase { idle, looking, requesting, following, running };
 
   // A join request waiting in the leader's handler: the requester and the followers it brings.
@@ -318,6 +362,11 @@ class DecentralizedAverager {
       HIVE_CHECK(std::isfinite(options.bandwidth()) && options.bandwidth() >= 0, "bandwidth must be a finite number >= 0, got {}",
                  options.bandwidth());
       HIVE_CHECK(options.reducer_timeout() > Seconds(0), "reducer_timeout must be positive");
+      options.aggregation().validate(options.min_group_size());
+      HIVE_CHECK(std::isfinite(options.max_weight()) && options.max_weight() > 0,
+                 "max_weight must be a finite number > 0, got {}", options.max_weight());
+      HIVE_CHECK(std::isfinite(options.ban_duration().count()) && options.ban_duration() >= Seconds(0),
+                 "ban_duration must be a finite number of seconds >= 0, got {}", options.ban_duration().count());
       for (const auto& t : tensors)
         HIVE_CHECK(t.defined() && at::isFloatingType(t.scalar_type()), "averaged tensors must be floating point");
       visible_addresses = [&dht] { return dht.visible_addresses(); };
@@ -340,6 +389,11 @@ class DecentralizedAverager {
       settings.timeout = options.allreduce_timeout();
       settings.registration_timeout = options.request_timeout();
       settings.limits = rpc->transport().limits();
+      settings.aggregation = options.aggregation();
+      settings.max_weight = options.max_weight();
+      settings.ban_duration = options.ban_duration();
+      settings.bans = bans;
+      settings.tamper_outgoing_for_testing = options.tamper_outgoing_for_testing();
       state = std::make_shared<StateSharing<T, R>>(
           node, keys.state_key(), address,
           StateSharingOptions().declare_period(options.declare_state_period()).part_bytes(options.state_part_bytes()),
@@ -387,46 +441,23 @@ class DecentralizedAverager {
     // ----- matchmaking: the leader's side -----
 
     asio::awaitable<Message> serve_join(Message m) {
-      const auto& h = m.header;
-      if (!h.is_object() || !h.contains("key") || !h["key"].is_string() || !h.contains("schema") ||
-          !h["schema"].is_string() || !h.contains("client_mode") || !h["client_mode"].is_boolean() ||
-          !h.contains("address") || !h["address"].is_string())
-        throw Error(errc::bad_header, "avg.join needs 'key', 'schema', 'address' (strings) and 'client_mode' (bool)");
+      JoinRequest request = decode_join_request(m.header);
       auto reject = [](std::string reason, bool final) {
         return Message{{{"accepted", false}, {"reason", std::move(reason)}, {"final", final}}, {}};
       };
       if (client_mode) co_return reject("this peer is in client mode and leads no group", true);
       if (phase == Phase::requesting) co_return reject("this peer is asking another leader", false);
       if (phase != Phase::looking) co_return reject("this peer is not looking for a group", true);
-      if (h["key"].get<std::string>() != keys.group_key()) co_return reject("different group key", true);
-      if (h["schema"].get<std::string>() != matched_schema())
+      if (request.key != keys.group_key()) co_return reject("different group key", true);
+      if (request.schema != matched_schema())
         co_return reject(tag.empty() ? "different tensor shapes" : "different tensor shapes or round tag", true);
-      if (h.value("compression", nlohmann::json("none")) != nlohmann::json(settings.compression))
-        co_return reject("different compression", true);
-      std::vector<Member> block(1);
-      block[0].address = h["address"].get<std::string>();
-      block[0].client_mode = h["client_mode"].get<bool>();
-      block[0].gathered = h.value("gathered", nlohmann::json());
-      try {
-        block[0].auxiliary = h.value("auxiliary", false);
-        block[0].bandwidth = h.value("bandwidth", 0.0);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(errc::bad_header, fmt::format("avg.join: bad 'auxiliary' or 'bandwidth': {}", e.what()));
-      }
-      if (!std::isfinite(block[0].bandwidth) || block[0].bandwidth < 0 || (block[0].auxiliary && block[0].client_mode))
-        throw Error(errc::bad_header, "avg.join: 'bandwidth' must be a finite number >= 0, and a client-mode member cannot be auxiliary");
-      if (h.contains("followers")) {
-        try {
-          for (auto& f : h["followers"].get<std::vector<Member>>()) block.push_back(std::move(f));
-        } catch (const nlohmann::json::exception& e) {
-          throw Error(errc::bad_header, fmt::format("avg.join: bad 'followers': {}", e.what()));
-        }
-      }
+      if (request.compression != nlohmann::json(settings.compression)) co_return reject("different compression", true);
+      auto& block = request.block;
       if (group_members() + block.size() > options.target_group_size()) co_return reject("the group is full", true);
       for (const auto& member : block) {
-        if (!member.client_mode && member.address.empty())
-          throw Error(errc::bad_header, "avg.join: a member that averages a part needs an address");
         if (member.client_mode) continue;
+        if (bans->banned(member.address))
+          co_return reject(fmt::format("{} is banned from this peer's groups", member.address), true);
         if (member.address == address) co_return reject("the request names this leader as a member", true);
         for (const auto& w : waiters)
           for (const auto& other : w->block)
@@ -485,14 +516,15 @@ class DecentralizedAverager {
       if (!decoded) co_return out;
       const double now = node->now();
       for (const auto& [subkey, v] : decoded->dictionary) {
-        const auto* a = std::get_if<std::string>(&subkey);
-        if (!a || *a == address || !v.value.is_object() || !v.value.contains("deadline") || !v.value["deadline"].is_number())
-          continue;
-        Candidate c{*a, v.value["deadline"].template get<double>()};
+        // Anyone can write under the group key: malformed entries are skipped.
+        const auto a = decode_announcement(subkey, v.value);
+        if (!a || a->address == address) continue;
+        if (bans->banned(a->address)) continue;  // never joins a peer it banned
+        Candidate c{a->address, a->deadline};
         // Clocks of separate machines differ: a leader whose deadline seems just past may still
         // be looking (it says so if not).
         if (c.deadline + max_clock_offset <= now) continue;
-        if (v.value.value("schema", std::string()) != matched_schema() || !v.value.value("looking", true)) continue;
+        if (a->schema != matched_schema() || !a->looking) continue;
         // Join only peers that rank before this one, so that no two peers wait on each other.
         if (!client_mode && std::tie(c.deadline, c.address) >= std::tie(my_deadline_wall, address)) continue;
         out.push_back(std::move(c));
@@ -502,15 +534,9 @@ class DecentralizedAverager {
       co_return out;
     }
 
-    struct JoinReply {
-      std::optional<GroupInfo> group;
-      bool final = true;
-      std::string reason;
-    };
-
-    asio::awaitable<JoinReply> request_join(const Candidate& leader, const nlohmann::json& gathered,
+    asio::awaitable<JoinAnswer> request_join(const Candidate& leader, const nlohmann::json& gathered,
                                             const std::vector<std::shared_ptr<Waiter>>& bringing) {
-      JoinReply out;
+      JoinAnswer out;
       Message request;
       request.header = {{"key", keys.group_key()}, {"schema", matched_schema()}, {"compression", settings.compression},
                         {"address", address},     {"client_mode", client_mode}, {"gathered", gathered},
@@ -521,31 +547,19 @@ class DecentralizedAverager {
           for (const auto& m : w->block) followers.push_back(m);
         request.header["followers"] = std::move(followers);
       }
-      const auto wait = Seconds(std::max(0.0, leader.deadline - node->now()) + max_clock_offset) + options.request_timeout();
+      // Anyone can announce any deadline: a day bounds the wait (a client-mode peer asks leaders
+      // of any deadline), and keeps it from overflowing the clock's integer durations.
+      const auto ahead = std::clamp(leader.deadline - node->now(), 0.0, 86400.0);
+      const auto wait = Seconds(ahead + max_clock_offset) + options.request_timeout();
       try {
         auto op = rpc->co_call(leader.address, join_name, std::move(request), wait);
         Message reply = co_await std::move(op);
-        const auto& h = reply.header;
-        if (!h.is_object() || !h.contains("accepted") || !h["accepted"].is_boolean())
-          throw Error(errc::bad_header, "avg.join reply lacks 'accepted'");
-        if (!h["accepted"].get<bool>()) {
-          out.final = h.value("final", true);
-          out.reason = h.value("reason", std::string("rejected"));
-          co_return out;
-        }
-        GroupInfo g;
-        g.group_id = h.at("group_id").get<std::string>();
-        g.members = h.at("members").get<std::vector<Member>>();
-        g.my_index = h.at("index").get<std::size_t>();
         std::size_t brought = 0;
         for (const auto& w : bringing) brought += w->block.size();
-        if (g.members.size() < 2 || g.my_index + brought >= g.members.size() || g.members[g.my_index].address != address ||
-            g.members[g.my_index].client_mode != client_mode)
-          throw Error(errc::bad_header, "avg.join reply names a group this peer is not in");
-        out.group = std::move(g);
-      } catch (const nlohmann::json::exception& e) {
-        out.reason = fmt::format("bad avg.join reply: {}", e.what());
+        out = decode_join_reply(reply.header, address, client_mode, brought);
       } catch (const std::exception& e) {
+        out.group.reset();
+        out.final = true;
         out.reason = e.what();
       }
       co_return out;
@@ -699,14 +713,20 @@ class DecentralizedAverager {
           RoundContext context;
           context.group = *group;
           context.weight = weight;
-          context.allreduce = [self, g = *group](at::Tensor flat, double w, std::string phase) -> asio::awaitable<Reduced> {
+          auto dropped = std::make_shared<std::vector<DroppedMember>>();
+          context.allreduce = [self, g = *group, dropped](at::Tensor flat, double w, std::string phase) -> asio::awaitable<Reduced> {
             GroupInfo phased = g;
             phased.group_id += "." + phase;
             auto op = self->runner->run(phased, std::move(flat), w, self->settings);
-            co_return co_await std::move(op);
+            auto reduced = co_await std::move(op);
+            for (const auto& d : reduced.dropped)
+              if (std::none_of(dropped->begin(), dropped->end(), [&](const DroppedMember& x) { return x.index == d.index; }))
+                dropped->push_back(d);
+            co_return reduced;
           };
           auto op = body(context);
           co_await std::move(op);
+          result.dropped = std::move(*dropped);
         } else {
           at::Tensor flat;
           {
@@ -720,6 +740,7 @@ class DecentralizedAverager {
             unflatten_into(reduced.average, tensors);
           }
           result.unaveraged = std::move(reduced.unaveraged);
+          result.dropped = std::move(reduced.dropped);
         }
       } catch (const std::system_error& e) {  // hive::Error, hive::RemoteError
         result.error = e.what();
@@ -747,6 +768,7 @@ class DecentralizedAverager {
     std::mutex tensors_mutex;
     GroupKeys keys;
     std::shared_ptr<Runner> runner;
+    std::shared_ptr<BanList> bans = std::make_shared<BanList>();  // before settings, which share it
     AllReduceSettings settings;
     std::string address;
     std::function<std::vector<std::string>()> visible_addresses;  // the DHT peer's, current

@@ -79,8 +79,14 @@ struct Gloo {
     /// (errc::round_failed, errc::timeout, errc::invalid_argument) when the round fails; the
     /// caller then keeps its tensors.
     asio::awaitable<Reduced> run(const GroupInfo& group, at::Tensor flat, double weight, const AllReduceSettings& s) {
-      HIVE_CHECK(std::isfinite(weight) && weight >= 0, "averaging weight must be finite and >= 0, got {}", weight);
+      HIVE_CHECK(std::isfinite(weight) && weight >= 0 && weight <= s.max_weight,
+                 "averaging weight must be a finite number in [0, max_weight = {}], got {}", s.max_weight, weight);
       HIVE_CHECK(group.my_index < group.size(), "member index {} outside a group of {}", group.my_index, group.size());
+      // Gloo sums in place on every rank: there is no reducer to aggregate robustly, nor to check
+      // what members send.
+      HIVE_CHECK(s.aggregation.method() == Aggregation::mean,
+                 "the Gloo strategy averages with the plain mean only; aggregation '{}' needs the butterfly strategy",
+                 to_string(s.aggregation.method()));
       HIVE_CHECK(s.compression == Compression::none || s.compression == Compression::float16,
                  "the Gloo strategy sends float32 or float16; compression '{}' is not supported", to_string(s.compression));
       for (std::size_t i = 0; i < group.size(); ++i)
@@ -163,7 +169,7 @@ struct Gloo {
       const auto n = shared->result.numel() - 1;
       const double total = shared->result[n].template item<double>();
       if (!(total > 0)) throw Error(errc::round_failed, "every member gave weight 0");
-      co_return Reduced{shared->result.slice(0, 0, n).div(total), {}};
+      co_return Reduced{shared->result.slice(0, 0, n).div(total), {}, {}};
     }
 
     /// Serves part_method for Gloo rounds: answers a member's {"group", "store": true} with

@@ -5,6 +5,7 @@
 
 #include <hive/core/error.hpp>
 #include <hive/core/id.hpp>
+#include <hive/dht/storage.hpp>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -87,6 +89,131 @@ struct GroupInfo {
     return n;
   }
 };
+
+/// An avg.join request as the leader reads it (DecentralizedAverager's matchmaking).
+struct JoinRequest {
+  /// The group key the requester looks for a group under.
+  std::string key;
+  /// Its schema: the tensors' shapes, and the round tag if any.
+  std::string schema;
+  /// The compression it averages with, as sent ("none" when absent).
+  nlohmann::json compression = "none";
+  /// The requester, then the followers it brings along.
+  std::vector<Member> block;
+};
+
+/// Decodes an avg.join request header. Throws hive::Error(errc::bad_header) when 'key',
+/// 'schema', 'address' (strings) or 'client_mode' (bool) is missing, when a member is malformed
+/// (see from_json(Member)), or when a member that averages a part has no address.
+[[nodiscard]] inline JoinRequest decode_join_request(const nlohmann::json& h) {
+  if (!h.is_object() || !h.contains("key") || !h["key"].is_string() || !h.contains("schema") ||
+      !h["schema"].is_string() || !h.contains("client_mode") || !h["client_mode"].is_boolean() ||
+      !h.contains("address") || !h["address"].is_string())
+    throw Error(errc::bad_header, "avg.join needs 'key', 'schema', 'address' (strings) and 'client_mode' (bool)");
+  JoinRequest r;
+  r.key = h["key"].get<std::string>();
+  r.schema = h["schema"].get<std::string>();
+  r.compression = h.value("compression", nlohmann::json("none"));
+  r.block.resize(1);
+  auto& requester = r.block[0];
+  requester.address = h["address"].get<std::string>();
+  requester.client_mode = h["client_mode"].get<bool>();
+  requester.gathered = h.value("gathered", nlohmann::json());
+  try {
+    requester.auxiliary = h.value("auxiliary", false);
+    requester.bandwidth = h.value("bandwidth", 0.0);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(errc::bad_header, fmt::format("avg.join: bad 'auxiliary' or 'bandwidth': {}", e.what()));
+  }
+  if (!std::isfinite(requester.bandwidth) || requester.bandwidth < 0 || (requester.auxiliary && requester.client_mode))
+    throw Error(errc::bad_header,
+                "avg.join: 'bandwidth' must be a finite number >= 0, and a client-mode member cannot be auxiliary");
+  if (h.contains("followers")) {
+    try {
+      for (auto& f : h["followers"].get<std::vector<Member>>()) r.block.push_back(std::move(f));
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(errc::bad_header, fmt::format("avg.join: bad 'followers': {}", e.what()));
+    }
+  }
+  for (const auto& member : r.block)
+    if (!member.client_mode && member.address.empty())
+      throw Error(errc::bad_header, "avg.join: a member that averages a part needs an address");
+  return r;
+}
+
+/// A leader's answer to avg.join, as the requester reads it.
+struct JoinAnswer {
+  /// The group, when the leader took the requester in (its index is `my_index`).
+  std::optional<GroupInfo> group;
+  /// For a refusal: true when asking this leader again this step is pointless.
+  bool final = true;
+  /// For a refusal: the leader's reason.
+  std::string reason;
+};
+
+/// Decodes a leader's avg.join reply to the peer at `address` (in client mode or not) that
+/// brought `brought` followers along, who take the places after it. Throws
+/// hive::Error(errc::bad_header) for a malformed reply, or a group that does not hold the peer
+/// and its followers where it says.
+[[nodiscard]] inline JoinAnswer decode_join_reply(const nlohmann::json& h, std::string_view address, bool client_mode,
+                                                  std::size_t brought) {
+  if (!h.is_object() || !h.contains("accepted") || !h["accepted"].is_boolean())
+    throw Error(errc::bad_header, "avg.join reply lacks 'accepted'");
+  JoinAnswer out;
+  try {
+    if (!h["accepted"].get<bool>()) {
+      out.final = h.value("final", true);
+      out.reason = h.value("reason", std::string("rejected"));
+      return out;
+    }
+    GroupInfo g;
+    g.group_id = h.at("group_id").get<std::string>();
+    g.members = h.at("members").get<std::vector<Member>>();
+    g.my_index = h.at("index").get<std::size_t>();
+    out.group = std::move(g);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(errc::bad_header, fmt::format("bad avg.join reply: {}", e.what()));
+  }
+  const auto& g = *out.group;
+  if (g.members.size() < 2 || g.my_index >= g.members.size() || brought >= g.members.size() - g.my_index ||
+      g.members[g.my_index].address != address || g.members[g.my_index].client_mode != client_mode)
+    throw Error(errc::bad_header, "avg.join reply names a group this peer is not in");
+  return out;
+}
+
+/// A peer's matchmaking announcement, one entry of the group key's DHT dictionary: the subkey
+/// is its address, the value {"deadline": number, "schema": string} while it looks for a group
+/// (hive overwrites it with {"looking": false}, which names no peer to ask, when it stops).
+struct Announcement {
+  /// Where the peer takes join requests.
+  std::string address;
+  /// Its matchmaking deadline (wall-clock seconds, its own clock).
+  double deadline = 0;
+  /// Its schema (empty when absent).
+  std::string schema;
+  /// False once it stopped looking.
+  bool looking = true;
+};
+
+/// Reads one entry of a group key's dictionary; nullopt when it is not a well-formed
+/// announcement (a subkey that is not a string, no finite 'deadline', a 'schema' that is not a
+/// string or a 'looking' that is not a bool). Never throws for a malformed value.
+[[nodiscard]] inline std::optional<Announcement> decode_announcement(const dht::Subkey& subkey,
+                                                                    const nlohmann::json& value) {
+  const auto* address = std::get_if<std::string>(&subkey);
+  if (!address || !value.is_object()) return std::nullopt;
+  auto deadline = value.find("deadline");
+  auto schema = value.find("schema");
+  auto looking = value.find("looking");
+  if (deadline == value.end() || !deadline->is_number() || (schema != value.end() && !schema->is_string()) ||
+      (looking != value.end() && !looking->is_boolean()))
+    return std::nullopt;
+  Announcement a{*address, deadline->get<double>(), schema == value.end() ? std::string() : schema->get<std::string>(),
+                 looking == value.end() || looking->get<bool>()};
+  // A NaN would break the ordering that candidates are sorted by.
+  if (!std::isfinite(a.deadline)) return std::nullopt;
+  return a;
+}
 
 /// An element range [begin, end) of the flattened vector.
 struct Range {

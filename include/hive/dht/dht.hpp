@@ -154,6 +154,19 @@ class BasicDHT {
 
   /// This peer's id.
   [[nodiscard]] const Id160& peer_id() const noexcept { return node_->id(); }
+  /// This peer's identity key pair (RpcOptions::identity_path keeps it across runs).
+  [[nodiscard]] const Identity& identity() const noexcept { return node_->rpc()->identity(); }
+  /// The `[owner:<peer id>]` marker that makes a key or subkey this peer's alone: put it in a
+  /// key or subkey and only this peer's signed values are stored and returned there.
+  [[nodiscard]] std::string owner_marker() const { return identity().owner_marker(); }
+  /// Adds a record validator (dht::SchemaValidator, say); see dht::Node::add_validator. Throws
+  /// hive::InvalidArgument for a routing model that runs no validators (dht::OpenDHT).
+  void add_validator(std::shared_ptr<const dht::RecordValidator> validator) {
+    if constexpr (requires { node_->add_validator(std::move(validator)); })
+      node_->add_validator(std::move(validator));
+    else
+      throw InvalidArgument("this routing model runs no record validators");
+  }
   /// The protocol peer (to serve more methods on the same port, or to await operations).
   [[nodiscard]] const std::shared_ptr<node_type>& node() const noexcept { return node_; }
   /// The runtime's executor.
@@ -165,6 +178,11 @@ class BasicDHT {
   /// regular value or, with `subkey`, as a dictionary entry. Completes with true when a
   /// replica accepted it.
   ///
+  /// A key or subkey holding owner_marker() is this peer's alone: the value is signed, and
+  /// other peers refuse values under it that this peer did not sign (dht::SignatureValidator).
+  /// Throws hive::InvalidArgument (at once) for a key or subkey that names another owner or
+  /// holds a malformed marker.
+  ///
   /// `token` is any Asio completion token for the signature `void(std::exception_ptr, bool)`:
   /// `asio::use_future` (the default: a `std::future<bool>`), `asio::use_awaitable`,
   /// `asio::experimental::deferred`, or a callback. Failures arrive as the exception (hive::Error, whose
@@ -173,6 +191,16 @@ class BasicDHT {
   auto async_store(std::string_view key, const nlohmann::json& value, double expiration,
                    std::optional<dht::Subkey> subkey = std::nullopt, Token&& token = {}) {
     std::vector<dht::StoreItem> items{{Id160::of(key), std::move(subkey), nlohmann::json::to_msgpack(value), expiration}};
+    auto& item = items.front();
+    const dht::RecordView view{item.key, key, item.subkey ? &*item.subkey : nullptr, item.value, expiration};
+    const auto owner = dht::SignatureValidator::owner_of(view);
+    HIVE_CHECK(owner.has_value(), "key '{}' or its subkey holds a malformed owner marker or more than one", key);
+    HIVE_CHECK(owner->empty() || *owner == node_->rpc()->peer_id(),
+               "key '{}' or its subkey is owned by {}; only that peer can store there (this peer is {})", key, *owner,
+               node_->rpc()->peer_id());
+    const auto validators = validators_of(*node_);
+    HIVE_CHECK(owner->empty() || validators, "this routing model does not sign records, so it cannot store under '{}'", key);
+    if (validators) item.value = validators->sign(view);
     auto node = node_;
     return asio::co_spawn(
         runtime_.executor(),
@@ -196,10 +224,15 @@ class BasicDHT {
     auto node = node_;
     return asio::co_spawn(
         runtime_.executor(),
-        [node, id = Id160::of(key), latest]() -> asio::awaitable<std::optional<DHTRecord>> {
-          auto record = co_await node->get(id, latest);
+        [node, key = std::string(key), latest]() -> asio::awaitable<std::optional<DHTRecord>> {
+          std::optional<dht::Record> record;
+          if constexpr (requires { node->get(Id160::of(key), latest, key); })
+            record = co_await node->get(Id160::of(key), latest, key);
+          else
+            record = co_await node->get(Id160::of(key), latest);
           if (!record) co_return std::nullopt;
-          co_return decode(*record);
+          const auto validators = validators_of(*node);
+          co_return decode(*record, key, validators.get());
         },
         std::forward<Token>(token));
   }
@@ -208,28 +241,45 @@ class BasicDHT {
     return async_get(key, latest, asio::use_future).get();
   }
 
-  /// Decodes a raw record's MessagePack values; values that do not decode are skipped.
-  static std::optional<DHTRecord> decode(const dht::Record& record) {
+  /// Decodes a raw record's MessagePack values; values that do not decode are skipped, and
+  /// signed ones lose their signature. With `validators` (and the record's `key`), values they
+  /// refuse are skipped too: a reader that knows the key checks its owner's signature.
+  static std::optional<DHTRecord> decode(const dht::Record& record, std::string_view key = {},
+                                         const dht::Validators* validators = nullptr) {
     DHTRecord out;
     out.expiration = record.expiration;
-    auto decode_one = [](const dht::ValueWithExpiration& v) -> std::optional<DHTValue> {
+    const Id160 id = Id160::of(key);
+    auto decode_one = [&](const dht::Subkey* subkey, const dht::ValueWithExpiration& v) -> std::optional<DHTValue> {
+      const dht::RecordView view{id, key, subkey, v.value, v.expiration};
       try {
-        return DHTValue{parse_msgpack(v.value), v.expiration};
+        if (!validators) {
+          auto wrapped = dht::SignatureValidator::unwrap(v.value);
+          return DHTValue{parse_msgpack(wrapped ? wrapped->value : v.value), v.expiration};
+        }
+        if (!validators->validate(view)) return std::nullopt;
+        return DHTValue{parse_msgpack(validators->strip(view)), v.expiration};
       } catch (const Error&) {
         return std::nullopt;
       }
     };
     if (!record.is_dictionary()) {
-      out.value = decode_one(record.regular());
+      out.value = decode_one(nullptr, record.regular());
       if (!out.value) return std::nullopt;
       return out;
     }
     for (const auto& [subkey, v] : record.dictionary())
-      if (auto d = decode_one(v)) out.dictionary.emplace(subkey, std::move(*d));
+      if (auto d = decode_one(&subkey, v)) out.dictionary.emplace(subkey, std::move(*d));
     return out;
   }
 
  private:
+  // The node's validator chain, or null for a routing model without one.
+  static std::shared_ptr<const dht::Validators> validators_of(const node_type& node) {
+    if constexpr (requires { node.validators(); })
+      return node.validators();
+    else
+      return nullptr;
+  }
 
   DHTOptions options_;
   net::Runtime runtime_;

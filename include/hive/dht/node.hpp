@@ -19,6 +19,7 @@
 #include <hive/dht/protocol.hpp>
 #include <hive/dht/routing.hpp>
 #include <hive/dht/storage.hpp>
+#include <hive/dht/validation.hpp>
 #include <hive/net/address.hpp>
 #include <hive/net/nat.hpp>
 #include <hive/net/rpc.hpp>
@@ -144,7 +145,27 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         cache_(options_.cache()),
         blacklist_(options_.blacklist()),
         rng_(std::random_device{}()),
-        nat_(rpc_, options_.nat()) {}
+        nat_(rpc_, options_.nat()) {
+    signatures_ = std::make_shared<SignatureValidator>(std::make_shared<const Identity>(rpc_->identity()));
+    validators_ = make_chain({});
+  }
+
+  /// Adds a record validator (a SchemaValidator, say), inside the signature check that every
+  /// peer runs: stores that it refuses get StoreStatus::invalid, and records that fail it are
+  /// dropped from what peers return. Every peer of a swarm should run the same validators.
+  /// Thread-safe.
+  void add_validator(std::shared_ptr<const RecordValidator> validator) {
+    HIVE_CHECK(validator != nullptr, "a validator must not be null");
+    std::lock_guard lock(validators_mutex_);
+    user_validators_.push_back(std::move(validator));
+    validators_ = make_chain(user_validators_);
+  }
+  /// The validator chain in force: the added validators, then the signature check outermost.
+  /// Thread-safe.
+  [[nodiscard]] std::shared_ptr<const Validators> validators() const {
+    std::lock_guard lock(validators_mutex_);
+    return validators_;
+  }
 
   /// This peer's id.
   [[nodiscard]] const Id160& id() const noexcept { return id_; }
@@ -249,10 +270,12 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   }
 
   /// Looks `key` up; with `latest`, asks all K nearest peers and returns the freshest record,
-  /// otherwise returns the first found. Local storage and cache are consulted first.
-  asio::awaitable<std::optional<Record>> get(Id160 key, bool latest = false) {
-    auto op = [self = this->shared_from_this(), key, latest]() -> asio::awaitable<std::optional<Record>> {
-      co_return co_await self->get_on_strand(key, latest);
+  /// otherwise returns the first found. Local storage and cache are consulted first. With
+  /// `raw_key` (the key `key` is the id of), values the validators refuse knowing it (a key
+  /// owner's forged value) are dropped before they can displace valid ones.
+  asio::awaitable<std::optional<Record>> get(Id160 key, bool latest = false, std::string raw_key = {}) {
+    auto op = [self = this->shared_from_this(), key, latest, raw_key = std::move(raw_key)]() -> asio::awaitable<std::optional<Record>> {
+      co_return co_await self->get_on_strand(key, latest, raw_key);
     };
     co_return co_await on_strand(std::move(op));
   }
@@ -378,6 +401,48 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     }, asio::detached);
   }
 
+  // The user's validators, then the signature check outermost.
+  std::shared_ptr<const Validators> make_chain(const std::vector<std::shared_ptr<const RecordValidator>>& inner) const {
+    auto chain = std::make_shared<Validators>();
+    for (const auto& v : inner) chain->add(v);
+    chain->add(signatures_);
+    return chain;
+  }
+
+  // Whether a store of (key, subkey, value) may enter `target`: the validators accept it,
+  // and it may replace what `target` holds there (an owner's record only by the owner's).
+  bool acceptable(const Storage& target, const Id160& key, const std::optional<Subkey>& subkey, const Bytes& value,
+                  double expiration, double now) const {
+    const Subkey* sk = subkey ? &*subkey : nullptr;
+    if (!acceptable_value(key, sk, value, expiration)) return false;
+    if (const auto* held = target.find(key, sk, now))
+      return validators()->may_replace(RecordView{key, {}, sk, held->value, held->expiration},
+                                       RecordView{key, {}, sk, value, expiration});
+    return true;
+  }
+
+  // `record` without the values the validators refuse (knowing `raw_key` when given);
+  // nullopt when nothing is left.
+  std::optional<Record> valid_part(const Id160& key, Record record, std::string_view raw_key = {}) const {
+    auto ok = [&](const Subkey* subkey, const ValueWithExpiration& v) {
+      return validators()->validate(RecordView{key, raw_key, subkey, v.value, v.expiration});
+    };
+    if (!record.is_dictionary()) {
+      if (!ok(nullptr, record.regular())) return std::nullopt;
+      return record;
+    }
+    auto& dict = std::get<Dictionary>(record.content);
+    std::erase_if(dict, [&](const auto& entry) { return !ok(&entry.first, entry.second); });
+    if (dict.empty()) return std::nullopt;
+    record.expiration = 0;
+    for (const auto& [subkey, v] : dict) record.expiration = std::max(record.expiration, v.expiration);
+    return record;
+  }
+
+  bool acceptable_value(const Id160& key, const Subkey* subkey, const Bytes& value, double expiration) const {
+    return validators()->validate(RecordView{key, {}, subkey, value, expiration});
+  }
+
   // Stores are charged to the caller's source (its IP, or IPv6 /64), so that one caller
   // filling this peer's storage gives way to others before they are refused (Storage).
   Message serve_store(const Message& m, const std::string& remote) {
@@ -398,14 +463,18 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         const double expiration = detail::finite_number(item[3]);
         if (!item[4].is_boolean()) throw Error(errc::bad_header, "in_cache must be a boolean");
         Storage& target = item[4].template get<bool>() ? cache_ : storage_;
-        StoreStatus s;
-        if (item[1].is_null()) {
-          s = target.store(key, std::move(value), expiration, now, source);
-        } else {
-          auto subkey = subkey_from_json(item[1]);
+        std::optional<Subkey> subkey;
+        if (!item[1].is_null()) {
+          subkey = subkey_from_json(item[1]);
           if (!subkey) throw Error(errc::bad_header, "a subkey must be an integer or a string");
-          s = target.store_subkey(key, std::move(*subkey), std::move(value), expiration, now, source);
         }
+        StoreStatus s;
+        if (!acceptable(target, key, subkey, value, expiration, now))
+          s = StoreStatus::invalid;
+        else if (!subkey)
+          s = target.store(key, std::move(value), expiration, now, source);
+        else
+          s = target.store_subkey(key, std::move(*subkey), std::move(value), expiration, now, source);
         status = std::string(to_string(s));
       } catch (const Error& e) {
         status = e.what();
@@ -583,12 +652,14 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return std::move(*ok);
   }
 
-  asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key) {
+  // `raw_key` by value: a lookup may return while this request is still in flight.
+  asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key, std::string raw_key = {}) {
     Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
-    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [](const Message& m) {
+    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [this, &key, &raw_key](const Message& m) {
       const auto& r = m.header.at("results").at(0);
       FindReply reply;
-      if (r.contains("r")) reply.record = detail::record_from_json(r["r"]);
+      // What fails validation is dropped here, before it can displace a valid record.
+      if (r.contains("r")) reply.record = valid_part(key, detail::record_from_json(r["r"]), raw_key);
       for (const auto& n : r.at("n")) {
         if (!n.is_array() || n.size() != 2 || !n[1].is_string()) continue;
         reply.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
@@ -606,7 +677,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   // Kademlia's iterative lookup (lookup.hpp) from this peer's table: Alpha requests in flight,
   // until the `converge` (default K) nearest known peers have all answered (or, when `latest`
   // is false and a value was wanted, until one is found).
-  asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K) {
+  asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K,
+                                       std::string raw_key = {}) {
     LookupSettings settings;
     settings.want_value = want_value;
     settings.latest = latest;
@@ -615,7 +687,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     settings.deadline = deadline_after(options_.wait_timeout() * 10);
     settings.now = this->now();
     auto self = this->shared_from_this();
-    auto ask = [self, key](const NodeInfo& peer) { return self->send_find(peer, key); };
+    auto ask = [self, key, raw_key](const NodeInfo& peer) { return self->send_find(peer, key, raw_key); };
     auto skip = [self](const NodeInfo& peer) { return self->blacklist_.is_banned(peer.address); };
     auto stopped = [self] { return self->closed_; };
     // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
@@ -623,7 +695,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return co_await std::move(op);
   }
 
-  asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest) {
+  asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest, std::string raw_key) {
     const double now = this->now();
     std::optional<Record> local;
     if (auto own = storage_.get(key, now)) detail::merge_record(local, *own, now);
@@ -631,8 +703,9 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       detail::merge_record(local, *cached, now);
       watched_cache_keys_.insert(key);
     }
+    if (local && !raw_key.empty()) local = valid_part(key, std::move(*local), raw_key);
     if (local && !latest) co_return local;
-    auto result = co_await lookup(key, true, latest);
+    auto result = co_await lookup(key, true, latest, K, raw_key);
     if (local) detail::merge_record(result.record, *local, this->now());
     if (result.record && options_.cache_on_store() && !result.lacking.empty()) {
       std::vector<StoreItem> items;
@@ -692,6 +765,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       if (!replica) {
         for (std::size_t j = 0; j < mine.size(); ++j) {
           const auto& it = mine[j];
+          if (!acceptable(storage_, it.key, it.subkey, it.value, it.expiration, now)) continue;
           StoreStatus s = it.subkey ? storage_.store_subkey(it.key, *it.subkey, it.value, it.expiration, now)
                                     : storage_.store(it.key, it.value, it.expiration, now);
           if (s == StoreStatus::stored) (*accepted)[j] = true;
@@ -838,6 +912,11 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   RoutingTable table_;
   Storage storage_;
   Storage cache_;
+  // Record validation: the signature check every peer runs, outermost, and what the user added.
+  std::shared_ptr<const SignatureValidator> signatures_;
+  mutable std::mutex validators_mutex_;
+  std::vector<std::shared_ptr<const RecordValidator>> user_validators_;
+  std::shared_ptr<const Validators> validators_;
   Blacklist blacklist_;
   std::mt19937_64 rng_;
   std::set<std::string> verifying_;

@@ -99,6 +99,7 @@ enum class StoreStatus {
   value_too_large,   ///< value plus subkey exceed max_value_bytes
   too_many_subkeys,  ///< the dictionary is full of subkeys that outlive the new one
   storage_full,      ///< no room: every record that could be evicted outlives the new one
+  invalid,           ///< a record validator refused it (a missing or wrong owner signature, say)
 };
 
 /// A short name for a status, e.g. "not_newer".
@@ -111,6 +112,7 @@ inline std::string_view to_string(StoreStatus s) noexcept {
     case StoreStatus::value_too_large: return "value_too_large";
     case StoreStatus::too_many_subkeys: return "too_many_subkeys";
     case StoreStatus::storage_full: return "storage_full";
+    case StoreStatus::invalid: return "invalid";
   }
   return "unknown";
 }
@@ -282,6 +284,22 @@ class Storage {
     auto it = records_.find(key);
     if (it == records_.end()) return std::nullopt;
     return to_record(it->second);
+  }
+
+  /// The value `key` holds (with `subkey`: that dictionary entry) at `now`, without copying;
+  /// nullptr when there is none. Valid until the storage next changes.
+  [[nodiscard]] const ValueWithExpiration* find(const Id160& key, const Subkey* subkey, double now = wall_time()) const {
+    auto it = records_.find(key);
+    if (it == records_.end()) return nullptr;
+    const ValueWithExpiration* found = nullptr;
+    if (const auto* dict = std::get_if<detail::StoredDictionary>(&it->second.content)) {
+      if (!subkey) return nullptr;
+      auto entry = dict->items.find(*subkey);
+      if (entry != dict->items.end()) found = &entry->second;
+    } else if (!subkey) {
+      found = &std::get<ValueWithExpiration>(it->second.content);
+    }
+    return found && found->expiration > now ? found : nullptr;
   }
 
   /// Every unexpired (key, record) at `now`, in no particular order.

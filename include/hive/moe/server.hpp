@@ -121,7 +121,8 @@ class Server {
       if (options_.listen_on().empty()) {
         rpc_ = dht_->node()->rpc();
       } else {
-        rpc_ = rpc_type::create(dht_->executor(), std::move(expert_transport), options_.dht().rpc());
+        // The experts' port proves the same identity as the DHT peer.
+        rpc_ = rpc_type::create(dht_->executor(), std::move(expert_transport), options_.dht().rpc(), dht_->identity());
         rpc_->listen(options_.listen_on());
       }
       limits_ = rpc_->transport().limits();

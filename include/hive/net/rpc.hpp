@@ -10,6 +10,7 @@
 #include <hive/core/log.hpp>
 #include <hive/core/message.hpp>
 #include <hive/detail/event.hpp>
+#include <hive/net/handshake.hpp>
 #include <hive/net/transport.hpp>
 
 #include <atomic>
@@ -69,10 +70,18 @@ struct RpcOptions {
   HIVE_ARG(Seconds, dial_back_timeout, Seconds(5));
   /// Dial-backs served at once; one more is refused with errc::limit_exceeded.
   HIVE_ARG(std::uint32_t, max_dial_backs, 8);
+  /// File holding this peer's Ed25519 key (created with mode 0600 when missing, see
+  /// hive::Identity::load_or_create); empty generates a new identity for this run. The peer id
+  /// derives from the key, so a peer that keeps its file keeps its id and its DHT records.
+  HIVE_ARG(std::string, identity_path, "");
+  /// Longest time a new incoming connection may take to complete the handshake (prove its
+  /// identity) before it is closed.
+  HIVE_ARG(Seconds, handshake_timeout, Seconds(10));
   HIVE_OPTIONS_JSON(RpcOptions, request_timeout, connect_timeout, reply_timeout, max_concurrent_requests,
                     max_outgoing_connections, max_incoming_connections, max_connections_per_source,
                     limit_loopback, idle_timeout, accept_backoff_max, relay, max_relay_reservations,
-                    max_relayed_calls, relay_reservation_ttl, dial_back_timeout, max_dial_backs)
+                    max_relayed_calls, relay_reservation_ttl, dial_back_timeout, max_dial_backs, identity_path,
+                    handshake_timeout)
 };
 
 /// What a handler knows about the call it serves.
@@ -84,6 +93,10 @@ struct CallContext {
   std::string method;
   /// The relay the call came through ("host:port"), empty for a direct call.
   std::string relay;
+  /// The caller's peer id, proven by the connection's handshake (hive::Identity). For a call
+  /// that came through a relay, the id the relay's own handshake with the caller proved: the
+  /// relay vouches for it.
+  std::string peer;
 };
 
 /// The answer to a reachability check (Rpc::co_check_reachable).
@@ -195,14 +208,26 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   /// A handler: takes the call's context and request, returns the response.
   using Handler = std::function<asio::awaitable<Message>(CallContext, Message)>;
 
-  /// Creates a peer on `executor` with transport options `transport_options`.
+  /// Creates a peer on `executor` with transport options `transport_options`, whose identity
+  /// comes from options.identity_path() (a new one when empty). Throws hive::InvalidArgument
+  /// when the identity file is unusable.
   static std::shared_ptr<Rpc> create(const asio::any_io_executor& executor,
                                      typename T::Options transport_options = {}, RpcOptions options = {}) {
-    return std::make_shared<Rpc>(Private{}, executor, std::move(transport_options), std::move(options));
+    auto identity = options.identity_path().empty() ? Identity::generate() : Identity::load_or_create(options.identity_path());
+    return create(executor, std::move(transport_options), std::move(options), std::move(identity));
+  }
+  /// Creates a peer with the given identity (options.identity_path() is ignored).
+  static std::shared_ptr<Rpc> create(const asio::any_io_executor& executor, typename T::Options transport_options,
+                                     RpcOptions options, Identity identity) {
+    return std::make_shared<Rpc>(Private{}, executor, std::move(transport_options), std::move(options), std::move(identity));
   }
   /// Use create().
-  Rpc(Private, const asio::any_io_executor& executor, typename T::Options transport_options, RpcOptions options)
-      : transport_(executor, std::move(transport_options)), options_(std::move(options)) {}
+  Rpc(Private, const asio::any_io_executor& executor, typename T::Options transport_options, RpcOptions options,
+      Identity identity)
+      : transport_(executor, std::move(transport_options)),
+        options_(std::move(options)),
+        identity_(std::move(identity)),
+        peer_id_(identity_.peer_id()) {}
 
   /// The strand every operation of this peer runs on.
   [[nodiscard]] executor_type get_executor() const noexcept { return transport_.get_executor(); }
@@ -314,9 +339,22 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     return asio::co_spawn(get_executor(), co_call(std::move(address), method, request, timeout), asio::use_future).get();
   }
 
-  /// This peer's id: 32 random hex digits, named in its relayed addresses and confirmed when
-  /// another peer dials it back.
+  /// This peer's id: its public key in base64url (hive::peer_id_of), proven to every peer it
+  /// connects to by the handshake, named in its relayed addresses.
   [[nodiscard]] const std::string& peer_id() const noexcept { return peer_id_; }
+  /// This peer's key pair.
+  [[nodiscard]] const Identity& identity() const noexcept { return identity_; }
+
+  /// The peer id proven by the connection to `address` (opened if needed): who answers there.
+  /// Throws what connecting throws.
+  asio::awaitable<std::string> co_peer_at(std::string address, std::optional<Seconds> timeout = std::nullopt) {
+    auto op = [self = this->shared_from_this(), address = std::move(address), timeout]() -> asio::awaitable<std::string> {
+      auto session = co_await self->get_session(address, deadline_after(timeout.value_or(self->options_.connect_timeout())));
+      co_return session->peer;
+    };
+    auto spawned = asio::co_spawn(get_executor(), std::move(op), asio::use_awaitable);
+    co_return co_await std::move(spawned);
+  }
 
   /// Asks the peer at `helper` to dial this one back, on a fresh connection, at the host the
   /// helper sees it at with `port`, and to check that this peer's id answers there (AutoNAT's
@@ -421,6 +459,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     std::uint32_t active_requests = 0;  // requests being served or whose reply is unwritten
     std::uint32_t refusals = 0;         // "too many requests" replies not yet written
     std::string source;                 // AddressSource key of an incoming connection
+    std::string peer;                   // the remote's peer id, proven by the handshake
     SteadyClock::time_point last_used = SteadyClock::now();
     SteadyClock::time_point last_activity = SteadyClock::now();  // last frame read or written
     bool writing = false;
@@ -563,8 +602,23 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       session->conn = std::move(conn);
       self->incoming_per_source_[session->source]++;
       self->sessions_.insert(session);
-      asio::co_spawn(self->get_executor(), read_loop(self, session), asio::detached);
+      asio::co_spawn(self->get_executor(), serve_connection(self, session), asio::detached);
     }
+  }
+
+  // An incoming connection: the caller proves its identity first, then its calls are served.
+  static asio::awaitable<void> serve_connection(std::shared_ptr<Rpc> self, std::shared_ptr<Session> session) {
+    try {
+      auto op = server_handshake(session->conn, self->identity_, deadline_after(self->options_.handshake_timeout()));
+      session->peer = co_await std::move(op);
+      session->last_activity = SteadyClock::now();
+    } catch (const std::exception& e) {
+      log::debug("rpc", "closing a connection from {}: {}", session->conn->remote_address(), e.what());
+      session->fail(make_error_code(errc::connection_refused));
+      self->forget(session);
+      co_return;
+    }
+    co_await read_loop(self, session);
   }
 
   // Whether a newly accepted connection may stay: within its source's share, and within the
@@ -709,7 +763,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     Frame reply;
     try {
       // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
-      CallContext ctx{session->conn->remote_address(), frame.method, {}};
+      CallContext ctx{session->conn->remote_address(), frame.method, {}, session->peer};
       auto op = self->dispatch(session, std::move(ctx), std::move(frame.message));
       Message out = co_await std::move(op);
       reply = Frame{FrameKind::response, frame.call_id, {}, std::move(out)};
@@ -785,7 +839,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       if (session->key.empty()) throw Error(errc::invalid_argument, "relay.deliver comes only from a relay this peer called");
       auto method = string_field(m.header, "method", deliver_method);
       if (method.starts_with("relay.")) throw Error(errc::bad_header, "a relayed call cannot name a relay method");
-      CallContext inner{string_field(m.header, "from", deliver_method), std::move(method), session->key};
+      CallContext inner{string_field(m.header, "from", deliver_method), std::move(method), session->key,
+                        m.header.value("from_peer", std::string())};
       Message request{std::move(m.header["header"]), std::move(m.blobs)};
       auto op = dispatch(session, std::move(inner), std::move(request));
       co_return co_await std::move(op);
@@ -810,16 +865,10 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     try {
       const auto deadline = deadline_after(options_.dial_back_timeout());
       conn = co_await transport_.connect(address, deadline);
-      asio::steady_timer limit(get_executor(), deadline);
-      limit.async_wait([conn](std::error_code ec) {
-        if (!ec) conn->close();
-      });
-      const auto request = encode_frame(Frame{FrameKind::request, 1, std::string(whoami_method), {}});
-      co_await conn->write_frame(request);
-      Frame answer = co_await conn->read_frame();
-      limit.cancel();
-      const auto& ah = answer.message.header;
-      if (answer.kind == FrameKind::response && ah.is_object() && ah.value("peer", std::string()) == peer)
+      // The handshake proves who answers there; nothing else is asked.
+      auto op = client_handshake(conn, identity_, deadline);
+      const auto answered = co_await std::move(op);
+      if (answered == peer)
         reply["reachable"] = true;
       else
         reply["error"] = "another peer answers at that address";
@@ -835,6 +884,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     if (!session->key.empty()) throw Error(errc::invalid_argument, "reserve over a connection you opened to the relay");
     const auto peer = string_field(h, "peer", reserve_method);
     if (!RelayedAddress::valid_peer_id(peer)) throw Error(errc::bad_header, "relay.reserve: a peer id is 1 to 64 of [0-9a-zA-Z_-]");
+    if (peer != session->peer)
+      throw Error(errc::invalid_argument, fmt::format("relay.reserve: this connection proved peer id {}, not {}", session->peer, peer));
     const auto token = h.is_object() && h.contains("token") && h["token"].is_string() ? h["token"].get<std::string>() : "";
     purge_reservations();
     auto it = reservations_.find(peer);
@@ -886,7 +937,10 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       timeout = std::min(timeout, Seconds(m.header["timeout"].get<double>()));
     const detail::InFlight counted{relayed_in_flight_};
     ++relayed_calls_;
-    Message inner{nlohmann::json{{"from", ctx.remote_address}, {"method", std::move(method)}, {"header", std::move(m.header["header"])}},
+    Message inner{nlohmann::json{{"from", ctx.remote_address},
+                                 {"from_peer", ctx.peer},
+                                 {"method", std::move(method)},
+                                 {"header", std::move(m.header["header"])}},
                   std::move(m.blobs)};
     try {
       auto op = call_over(target, fmt::format("peer {} through this relay", to), std::string(deliver_method),
@@ -954,12 +1008,27 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
     connecting_[address] = c;
     evict_idle_outgoing();
     try {
-      auto conn = co_await transport_.connect(address, std::min(deadline, deadline_after(options_.connect_timeout())));
+      const auto connect_deadline = std::min(deadline, deadline_after(options_.connect_timeout()));
+      auto conn = co_await transport_.connect(address, connect_deadline);
+      if (closed_) {
+        conn->close();
+        throw Error(errc::shutdown, "rpc peer is closed");
+      }
+      auto handshake = client_handshake(conn, identity_, connect_deadline);
+      std::string peer;
+      try {
+        peer = co_await std::move(handshake);
+      } catch (const std::system_error& e) {
+        conn->close();
+        if (&e.code().category() == &error_category()) throw;
+        throw Error(errc::connection_closed, fmt::format("handshake with {} failed: {}", address, e.what()));
+      }
       if (closed_) {
         conn->close();
         throw Error(errc::shutdown, "rpc peer is closed");
       }
       auto session = std::make_shared<Session>();
+      session->peer = std::move(peer);
       session->conn = std::move(conn);
       session->key = address;
       sessions_.insert(session);
@@ -1054,7 +1123,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   std::uint32_t relayed_in_flight_ = 0;
   std::uint32_t dial_backs_ = 0;
   std::atomic<std::uint64_t> relayed_calls_{0};
-  const std::string peer_id_ = random_hex(16);
+  const Identity identity_;
+  const std::string peer_id_;
   bool sweeper_started_ = false;
   bool closed_ = false;
 };

@@ -80,7 +80,8 @@ struct SimNetworkOptions {
   HIVE_ARG(Seconds, mean_latency, Seconds(0));
   /// Standard deviation of the one-way latency (normal only).
   HIVE_ARG(Seconds, latency_stddev, Seconds(0));
-  /// Probability that a frame is lost (requests then time out, as over a lossy path).
+  /// Probability that a frame is lost (requests then time out, as over a lossy path). The
+  /// frames of the connection handshake are never lost.
   HIVE_ARG(double, loss, 0.0);
   /// Probability that a request fails: each request frame whose method starts with
   /// request_failure_prefix, once it reaches the receiving host, is refused there with
@@ -400,7 +401,8 @@ class Simulated {
         Buffer bytes = std::move(inbox.front());
         inbox.pop_front();
         Frame frame = decode_frame(bytes, limits_);
-        if (frame.kind != FrameKind::request || !net_->draw_request_failure(frame.method)) co_return frame;
+        if (frame.kind != FrameKind::request || frame.call_id == 0 || !net_->draw_request_failure(frame.method))
+          co_return frame;
         if (!net_->options_.request_failure_reply()) continue;
         auto reply = Frame::make_error(frame.call_id, errc::remote_error,
                                        fmt::format("emulated request failure ({} on {})", frame.method, link_->host[side_]));
@@ -430,11 +432,17 @@ class Simulated {
                 std::chrono::duration_cast<SteadyClock::duration>(Seconds(bytes.size() / net.options_.bandwidth()));
         free_at = leave;
       }
-      if (net.draw_loss()) {
+      // The connection handshake (call id 0) is never lost: loss stands for lost messages,
+      // while setting a connection up is as reliable as TCP's own handshake.
+      std::uint64_t call_id = 0;
+      if (f.head.size() >= 16) std::memcpy(&call_id, f.head.data() + 8, sizeof call_id);
+      if (call_id != 0 && net.draw_loss()) {
         net.stats_.frames_lost++;
       } else {
+        // Strictly after the previous frame: timers that expire at the same instant may fire in
+        // any order, and frames on one connection arrive in order, as on TCP.
         auto at = std::max(leave + std::chrono::duration_cast<SteadyClock::duration>(net.draw_latency()),
-                           link_->last_delivery[to]);
+                           link_->last_delivery[to] + SteadyClock::duration(1));
         link_->last_delivery[to] = at;
         net.deliver(link_, to, std::move(bytes), at);
       }
