@@ -133,7 +133,9 @@ int run(const Args& a) {
     // As hivemind's declare_experts: each declaration expires `expiration` seconds after it is
     // made, so a later batch's prefix entries replace an earlier batch's.
     const double expiration = hive::wall_time() + a.expiration;
-    auto declaration = hive::dht::declare_experts_items(batch, endpoint, expiration);
+    // Signed by the storing peer, as dht::declare_experts does.
+    auto declaration = hive::dht::declare_experts_items(batch, endpoint, expiration, store_peer->rpc()->identity().owner_marker());
+    hive::dht::sign_items(*store_peer, declaration.items);
     auto ok = asio::co_spawn(runtime.executor(), store_peer->store_many(declaration.items), asio::use_future).get();
     for (bool uid_ok : declaration.per_uid(ok)) stored += uid_ok;
     progress("store", std::min(uids.size(), b + a.expert_batch_size), uids.size());
@@ -165,9 +167,8 @@ int run(const Args& a) {
       pending.push_back(asio::co_spawn(runtime.executor(), get_peer->get(hive::Id160::of(uids[u]), false), asio::use_future));
     for (auto& f : pending) {
       auto record = f.get();
-      if (record && !record->is_dictionary() &&
-          nlohmann::json::from_msgpack(record->regular().value) == nlohmann::json(endpoint))
-        ++found;
+      const auto decoded = record ? hive::BasicDHT<T>::decode(*record) : std::nullopt;
+      if (decoded && hive::dht::expert_address(*decoded, /*signed_only=*/true) == endpoint) ++found;
     }
     progress("get", end, uids.size());
   }

@@ -174,7 +174,7 @@ TEST_CASE("dht simulated: 200 peers store and find 1000 keys, and with 20% crash
   for (auto& n : nodes) n->close();
 }
 
-TEST_CASE("dht experts: declare and resolve uids, prefix dictionaries, uid validation") {
+TEST_CASE("dht experts: declare and resolve uids, prefix dictionaries, signed declarations, uid validation") {
   DHT a(DHTOptions().listen_on("127.0.0.1:0").node(fast_node_options()));
   DHT b(DHTOptions().listen_on("127.0.0.1:0").initial_peers(a.visible_addresses()).node(fast_node_options()));
   const double expiration = wall_time() + 60;
@@ -192,7 +192,31 @@ TEST_CASE("dht experts: declare and resolve uids, prefix dictionaries, uid valid
   auto row = b.get("expert.3.", true);
   REQUIRE(row);
   CHECK(row->dictionary.size() == 2);
-  CHECK(row->dictionary.at(dht::Subkey(std::int64_t{8})).value[0] == "expert.3.8");
+  // Each entry is signed by the peer that declared it: its subkey starts with a's owner marker.
+  CHECK(row->dictionary.at(dht::Subkey(a.owner_marker() + "8")).value[0] == "expert.3.8");
+  CHECK(b.get("expert.3.7", true)->dictionary.at(dht::Subkey(a.owner_marker())).value == "10.0.0.1:1337");
+
+  // Nobody declares experts in another peer's name. c cannot sign under a's marker, and what it
+  // writes without a marker (a uid record, a prefix entry) is skipped by every reader.
+  DHT c(DHTOptions().listen_on("127.0.0.1:0").initial_peers(a.visible_addresses()).node(fast_node_options()));
+  CHECK_THROWS_AS(c.store("expert.3.", nlohmann::json::array({"expert.3.7", "10.6.6.6:1"}), expiration + 30,
+                          dht::Subkey(a.owner_marker() + "7")),
+                  InvalidArgument);
+  CHECK(c.store("expert.3.7", "10.6.6.6:1", expiration + 30, dht::Subkey(std::string())));
+  CHECK(c.store("expert.3.", nlohmann::json::array({"expert.3.9", "10.6.6.6:1"}), expiration + 30, dht::Subkey(std::string("9"))));
+  CHECK(c.store("expert.3.", nlohmann::json::array({"expert.3.9", "10.6.6.6:1"}), expiration + 30, dht::Subkey(std::int64_t{9})));
+  CHECK(b.get("expert.3.7", true)->dictionary.size() == 2);  // stored, as anyone may store unowned entries...
+  CHECK(dht::get_experts(b, {"expert.3.7"})[0] == std::optional<std::string>("10.0.0.1:1337"));  // ...but not read
+  auto directory = dht::ExpertDirectory::over(b, "expert", {10, 10});
+  std::vector<float> scores(20, 0.f);
+  scores[10 + 9] = 100.f;  // coordinate 9 of dimension 1 would win if it counted
+  const auto best = directory->find_best(std::span<const float>(scores), 1, 3);
+  REQUIRE(best[0].size() == 3);
+  for (const auto& e : best[0]) CHECK(e.address == "10.0.0.1:1337");
+  // A peer that declares the same uid under its own marker competes openly: the declaration
+  // that expires last is used (as in hivemind, where the last store wins).
+  CHECK(dht::declare_experts(c, {"expert.3.7"}, "10.7.7.7:1", expiration + 30)[0]);
+  CHECK(dht::get_experts(b, {"expert.3.7"})[0] == std::optional<std::string>("10.7.7.7:1"));
 
   for (const char* bad : {"expert", "expert.", ".3", "expert.x", "expert.-1", "expert.03", "expert.3.", "expert..3"})
     CHECK_THROWS_AS(dht::parse_uid(bad), InvalidArgument);

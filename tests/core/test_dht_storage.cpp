@@ -291,6 +291,31 @@ TEST_CASE("dht storage: purge agrees with a brute-force model over many records"
   CHECK(s.empty());
 }
 
+TEST_CASE("dht storage: a source at max_keys_per_source pays with its own records") {
+  Storage s(StorageOptions().max_keys(100).max_keys_per_source(3));
+  const double now = 1000;
+  for (int i = 0; i < 3; ++i) CHECK(s.store(Id160::of(fmt::format("a{}", i)), bytes("v"), now + 10 + i, now, "a") == StoreStatus::stored);
+  CHECK(s.keys_of("a") == 3);
+  // A fourth key from "a": its own soonest record (a0) gives way to a later-expiring one...
+  CHECK(s.store(Id160::of("a3"), bytes("v"), now + 20, now, "a") == StoreStatus::stored);
+  CHECK_FALSE(s.get(Id160::of("a0"), now));
+  CHECK(s.keys_of("a") == 3);
+  // ...but not to one expiring sooner than all it holds.
+  CHECK(s.store(Id160::of("a4"), bytes("v"), now + 5, now, "a") == StoreStatus::storage_full);
+  // Replacing a key it holds, and dictionary entries under its keys, need no new key.
+  CHECK(s.store(Id160::of("a3"), bytes("w"), now + 30, now, "a") == StoreStatus::stored);
+  // Another source, and this peer itself, are not affected.
+  for (int i = 0; i < 5; ++i)
+    CHECK(s.store(Id160::of(fmt::format("b{}", i)), bytes("v"), now + 5 + i, now, "b") == StoreStatus::stored);
+  CHECK(s.keys_of("b") == 3);
+  for (int i = 0; i < 5; ++i) CHECK(s.store(Id160::of(fmt::format("own{}", i)), bytes("v"), now + 5, now) == StoreStatus::stored);
+  CHECK(s.keys_of("") == 5);
+  CHECK(s.keys_of("a") == 3);
+  // 0 lifts the cap.
+  Storage open(StorageOptions().max_keys(100).max_keys_per_source(0));
+  for (int i = 0; i < 10; ++i) CHECK(open.store(Id160::of(fmt::format("a{}", i)), bytes("v"), now + 10, now, "a") == StoreStatus::stored);
+}
+
 TEST_CASE("dht storage: options read from JSON and are validated") {
   auto o = StorageOptions::from_json_text(R"({"max_keys": 5, "max_expiration_ahead": 60})");
   CHECK(o.max_keys() == 5);

@@ -243,6 +243,29 @@ TEST_CASE("hostile dht: one source cannot pin a peer's storage or a dictionary w
 
 }
 
+TEST_CASE("hostile dht: a source holds at most max_keys_per_source keys, and others store freely") {
+  DHT victim(victim_options().node(
+      dht::NodeOptions().storage(dht::StorageOptions().max_keys(1000).max_keys_per_source(50))));
+  const auto address = address_of(victim);
+  const double far = wall_time() + 86000;
+
+  test::RawClient attacker(address, "127.0.0.2");
+  nlohmann::json flood = nlohmann::json::array();
+  for (int i = 0; i < 150; ++i) flood.push_back(store_item(Id160::of(fmt::format("junk.{}", i)), nullptr, 8, far));
+  attacker.send(store_request(1, flood));
+  const auto results = store_results(attacker);
+  CHECK(std::count(results.begin(), results.end(), "stored") == 50);
+  CHECK(std::count(results.begin(), results.end(), "storage_full") == 100);
+
+  // The storage is far from full: another source stores as many keys as it may.
+  test::RawClient user(address, "127.0.0.1");
+  nlohmann::json mine = nlohmann::json::array();
+  for (int i = 0; i < 50; ++i) mine.push_back(store_item(Id160::of(fmt::format("expert.{}", i)), nullptr, 8, wall_time() + 60));
+  user.send(store_request(2, mine));
+  const auto stored = store_results(user);
+  CHECK(std::count(stored.begin(), stored.end(), "stored") == 50);
+}
+
 TEST_CASE("hostile dht: one source cannot lock others out of a shared dictionary with far-future subkeys") {
   DHT victim(victim_options().node(dht::NodeOptions().storage(dht::StorageOptions().max_subkeys(16))));
   const auto address = address_of(victim);
@@ -303,7 +326,8 @@ TEST_CASE("hostile dht: find refuses repeated keys, and a dictionary larger than
 }
 
 TEST_CASE("hostile frames: a claimed frame size costs memory only as its bytes arrive") {
-  DHT victim(victim_options());
+  // Frames up to 2 GiB allowed here (the default is 256 MiB), to claim much more than is sent.
+  DHT victim(victim_options().transport(net::TcpOptions().limits(Limits().max_frame_bytes(std::uint64_t{1} << 31))));
   const auto address = address_of(victim);
   const auto before = vm_size_kib();
   std::vector<std::unique_ptr<test::RawClient>> claims;

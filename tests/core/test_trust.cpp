@@ -267,6 +267,31 @@ TEST_CASE("signed records: a key naming an owner is replaced only by the owner, 
   CHECK(reader.get(key, true)->value->value == "v2");
 }
 
+TEST_CASE("signed records: a validator remembers signatures it verified, never a forgery") {
+  auto owner = std::make_shared<const Identity>(Identity::generate());
+  const dht::SignatureValidator signer(owner);
+  const dht::SignatureValidator checker;
+  const Id160 key = Id160::of("remembered");
+  const dht::Subkey subkey = owner->owner_marker();
+  const auto value = msgpack_of({{"step", 1}});
+  const auto signed_value = signer.sign(dht::RecordView{key, {}, &subkey, value, 1e9});
+  for (int i = 0; i < 3; ++i) CHECK(checker.validate(dht::RecordView{key, {}, &subkey, signed_value, 1e9}));
+  // The same signature over anything else (expiration, subkey, value) was never verified.
+  CHECK_FALSE(checker.validate(dht::RecordView{key, {}, &subkey, signed_value, 1e9 + 1}));
+  const dht::Subkey other = owner->owner_marker() + "x";
+  CHECK_FALSE(checker.validate(dht::RecordView{key, {}, &other, signed_value, 1e9}));
+  auto forged = nlohmann::json::from_msgpack(signed_value);
+  forged[dht::SignatureValidator::wrapper_field] = nlohmann::json::binary(msgpack_of({{"step", 2}}));
+  const auto forged_bytes = nlohmann::json::to_msgpack(forged);
+  for (int i = 0; i < 2; ++i) CHECK_FALSE(checker.validate(dht::RecordView{key, {}, &subkey, forged_bytes, 1e9}));
+  // Past verified_cache_entries others, it is verified again, and still valid.
+  for (std::size_t i = 0; i <= dht::SignatureValidator::verified_cache_entries; ++i) {
+    const auto v = signer.sign(dht::RecordView{key, {}, &subkey, value, 2e9 + static_cast<double>(i)});
+    REQUIRE(checker.validate(dht::RecordView{key, {}, &subkey, v, 2e9 + static_cast<double>(i)}));
+  }
+  CHECK(checker.validate(dht::RecordView{key, {}, &subkey, signed_value, 1e9}));
+}
+
 TEST_CASE("validators: a schema types the values of known keys at every peer, and validators compose with signatures") {
   auto schema = std::make_shared<dht::SchemaValidator>();
   schema->field("peers", {dht::ValueType::object, {{"addr", dht::ValueType::string}, {"port", dht::ValueType::integer}}, true, true});

@@ -5,7 +5,8 @@
 // Input: one byte choosing the message, then:
 //   0 (join request):  MessagePack of an avg.join header, read by decode_join_request.
 //   1 (join reply):    a flag byte (bit 0: the asking peer is in client mode; bits 1-2: how
-//                      many followers it brought), a vector size (u32) and a chunk size (u16) to
+//                      many followers it brought; bit 3: it checks its own peer id in its place),
+//                      a vector size (u32) and a chunk size (u16) to
 //                      partition the group's vector with, then MessagePack of the leader's reply,
 //                      read by decode_join_reply; a group it accepts is then partitioned.
 //   2 (announcement):  a subkey byte (even: an integer subkey, odd: a string one of the next
@@ -13,11 +14,13 @@
 //                      by decode_announcement.
 //   3 (avg.part):      a group (members, flags, vector size, chunk size, compression,
 //                      aggregation) in which this peer is an auxiliary reducer, then up to eight
-//                      avg.part requests from the other members (each: MessagePack header with a
-//                      16-bit length, a blob count, 16-bit-length blobs), served at once by a real
+//                      avg.part requests (each: a byte choosing the caller's proven peer id, one of
+//                      the members' or a stranger's, then a MessagePack header with a 16-bit
+//                      length, a blob count, 16-bit-length blobs), served at once by a real
 //                      Butterfly::Runner on a private io_context. A reply that succeeds must carry
 //                      one float vector of the chunk's length, the same for every sender of the
-//                      chunk, and (uncompressed) within the range of the values sent.
+//                      chunk, and (uncompressed) within the range of the values sent; one from a
+//                      caller that is not the member it names as sender must fail.
 
 #include "fuzz_common.hpp"
 
@@ -57,17 +60,32 @@ void check_member(const Member& m) {
 
 // ---- matchmaking ----------------------------------------------------------------------------
 
+// Fixed peer ids (hive::Identity) for the members of fuzzed groups.
+const std::string& peer_id(std::size_t i) {
+  static const std::vector<std::string> ids = [] {
+    std::vector<std::string> out;
+    for (std::uint8_t k = 0; k < 6; ++k) {
+      std::array<std::uint8_t, 32> seed{};
+      seed[0] = static_cast<std::uint8_t>(k + 1);
+      out.push_back(Identity::from_seed(seed).peer_id());
+    }
+    return out;
+  }();
+  return ids.at(i);
+}
+
 void fuzz_join_request(fuzz::Input& in) {
   auto h = msgpack_of(in.rest());
   if (!h) return;
   JoinRequest r;
   try {
-    r = decode_join_request(*h);
+    r = decode_join_request(*h, peer_id(0));
   } catch (const Error& e) {
     HIVE_FUZZ_EXPECT(e.code() == errc::bad_header, "decode_join_request failed with {}", e.what());
     return;
   }
   HIVE_FUZZ_EXPECT(!r.block.empty(), "a join request without its requester");
+  HIVE_FUZZ_EXPECT(r.block[0].peer == peer_id(0), "the requester's id is not the caller's");
   for (const auto& m : r.block) {
     check_member(m);
     HIVE_FUZZ_EXPECT(m.client_mode || !m.address.empty(), "a reducing member without an address");
@@ -85,7 +103,7 @@ void fuzz_join_reply(fuzz::Input& in) {
   const std::string address = client_mode ? "" : "10.0.0.1:1000";
   JoinAnswer answer;
   try {
-    answer = decode_join_reply(*h, address, client_mode, brought);
+    answer = decode_join_reply(*h, address, client_mode, brought, (flags & 8) ? peer_id(1) : std::string());
   } catch (const Error& e) {
     HIVE_FUZZ_EXPECT(e.code() == errc::bad_header, "decode_join_reply failed with {}", e.what());
     return;
@@ -162,6 +180,7 @@ Reducer& reducer() {
 
 struct Served {
   std::size_t sender = 0, chunk = 0;
+  std::string caller;  // the proven peer id it came from
   std::vector<double> sent;  // the decoded chunk, when it decoded to a finite float vector
   bool done = false, ok = false;
   Message reply;
@@ -181,6 +200,7 @@ void fuzz_part(fuzz::Input& in) {
     m.client_mode = f & 1;
     m.auxiliary = i == 0 || ((f & 2) && !m.client_mode);
     m.bandwidth = (f & 4) ? 1.0 + (f >> 3) : 0.0;
+    m.peer = peer_id(i);
     group.members.push_back(m);
   }
   if (group.senders() == 0) group.members[1].auxiliary = false;
@@ -211,6 +231,8 @@ void fuzz_part(fuzz::Input& in) {
   std::vector<std::unique_ptr<Served>> served;
   const std::size_t messages = in.below(9);
   for (std::size_t i = 0; i < messages && !in.empty(); ++i) {
+    net::CallContext ctx;
+    ctx.peer = peer_id(in.below(n + 1));  // a member, or (n) a stranger
     auto header = msgpack_of(in.chunk16());
     Message m;
     const std::size_t blobs = in.below(3);
@@ -237,7 +259,9 @@ void fuzz_part(fuzz::Input& in) {
     }
     Served* out = record.get();
     served.push_back(std::move(record));
-    asio::co_spawn(red.context, runner->serve(std::move(m), s), [out](std::exception_ptr e, Message reply) {
+    record->caller = ctx.peer;
+    auto op = runner->serve(std::move(ctx), std::move(m), s);
+    asio::co_spawn(red.context, std::move(op), [out](std::exception_ptr e, Message reply) {
       out->done = true;
       if (!e) {
         out->ok = true;
@@ -265,6 +289,8 @@ void fuzz_part(fuzz::Input& in) {
   for (const auto& r : served) {
     HIVE_FUZZ_EXPECT(r->done, "an avg.part call did not end at close()");
     if (!r->ok) continue;
+    HIVE_FUZZ_EXPECT(r->sender < group.size() && r->caller == group.members[r->sender].peer,
+                     "a chunk of member {} from caller {} was taken", r->sender, r->caller);
     HIVE_FUZZ_EXPECT(r->chunk < my_chunks.size(), "chunk {} answered, the part has {}", r->chunk, my_chunks.size());
     const auto range = my_chunks[r->chunk];
     std::vector<at::Tensor> average;
@@ -312,9 +338,9 @@ std::vector<fuzz::Seed> seeds() {
     prefix.insert(prefix.end(), body.begin(), body.end());
     return prefix;
   };
-  const json me = Member{"10.0.0.1:1000", false, false, 0, nullptr};
-  const json leader = Member{"10.0.0.9:1000", false, false, 2.5, {{"step", 3}}};
-  const json follower = Member{"", true, false, 0, nullptr};
+  const json me = Member{"10.0.0.1:1000", false, false, 0, nullptr, {}};
+  const json leader = Member{"10.0.0.9:1000", false, false, 2.5, {{"step", 3}}, {}};
+  const json follower = Member{"", true, false, 0, nullptr, {}};
   std::vector<fuzz::Seed> out;
   out.push_back({"join-request", msgpack_seed({0}, {{"key", "run.0b01"}, {"schema", "abcd"}, {"compression", "none"},
                                                     {"address", "10.0.0.1:1000"}, {"client_mode", false},
@@ -348,6 +374,7 @@ std::vector<fuzz::Seed> seeds() {
         m.header = {{"group", "g"}, {"sender", sender}, {"chunk", chunk}, {"weight", 1.0 + sender}, {"compression", "none"}};
         add_tensors(m, {at::arange(2, at::kFloat).mul(scale * static_cast<float>(sender))}, Compression::none);
         const auto header = json::to_msgpack(m.header);
+        s.push_back(static_cast<std::uint8_t>(sender));  // the caller: the sender itself
         auto len = fuzz::le(static_cast<std::uint16_t>(header.size()));
         s.insert(s.end(), len.begin(), len.end());
         s.insert(s.end(), header.begin(), header.end());
@@ -365,20 +392,15 @@ std::vector<fuzz::Seed> seeds() {
   return out;
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  hive::fuzz::initialize(seeds);
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  hive::fuzz::Input in(data, size);
+void one_input(hive::fuzz::Input& in) {
   switch (in.u8() % 4) {
     case 0: fuzz_join_request(in); break;
     case 1: fuzz_join_reply(in); break;
     case 2: fuzz_announcement(in); break;
     case 3: fuzz_part(in); break;
   }
-  return 0;
 }
+
+}  // namespace
+
+HIVE_FUZZ_TARGET(seeds, one_input)

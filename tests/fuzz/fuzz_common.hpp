@@ -124,6 +124,19 @@ void initialize(F make_seeds) {
 
 }  // namespace hive::fuzz
 
+/// Defines libFuzzer's two entry points: LLVMFuzzerInitialize calls hive::fuzz::initialize with
+/// `make_seeds`, and LLVMFuzzerTestOneInput runs `one_input(hive::fuzz::Input&)` on each input.
+#define HIVE_FUZZ_TARGET(make_seeds, one_input)                                     \
+  extern "C" int LLVMFuzzerInitialize(int*, char***) {                              \
+    hive::fuzz::initialize(make_seeds);                                             \
+    return 0;                                                                       \
+  }                                                                                 \
+  extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) { \
+    hive::fuzz::Input in(data, size);                                               \
+    one_input(in);                                                                  \
+    return 0;                                                                       \
+  }
+
 /// Checks an invariant of the code under test; aborts with the formatted message when false.
 #define HIVE_FUZZ_EXPECT(cond, ...)                                                              \
   do {                                                                                           \

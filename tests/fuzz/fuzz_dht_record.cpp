@@ -340,15 +340,7 @@ std::vector<fuzz::Seed> seeds() {
   return out;
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  hive::fuzz::initialize(seeds);
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  hive::fuzz::Input in(data, size);
+void one_input(hive::fuzz::Input& in) {
   switch (in.u8() % 3) {
     case 0: {
       const std::size_t budget = std::size_t{in.u8()} << in.below(16);
@@ -359,5 +351,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case 1: fuzz_storage(in); break;
     case 2: fuzz_node(in); break;
   }
-  return 0;
 }
+
+}  // namespace
+
+HIVE_FUZZ_TARGET(seeds, one_input)

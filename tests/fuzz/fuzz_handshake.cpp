@@ -129,18 +129,13 @@ std::vector<fuzz::Seed> seeds() {
   return out;
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  hive::fuzz::initialize(seeds);
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  hive::fuzz::Input in(data, size);
+void one_input(hive::fuzz::Input& in) {
   if (in.u8() % 2 == 0)
     frames(in);
   else
     fields(in);
-  return 0;
 }
+
+}  // namespace
+
+HIVE_FUZZ_TARGET(seeds, one_input)

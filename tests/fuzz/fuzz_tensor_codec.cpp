@@ -312,15 +312,7 @@ std::vector<fuzz::Seed> seeds() {
   return out;
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  hive::fuzz::initialize(seeds);
-  return 0;
-}
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  hive::fuzz::Input in(data, size);
+void one_input(hive::fuzz::Input& in) {
   const std::uint8_t head = in.u8();
   const Compression c = compressions[head & 3];
   switch ((head >> 2) & 3) {
@@ -328,5 +320,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case 2: fuzz_message(in); break;
     case 3: fuzz_values(in, c); break;
   }
-  return 0;
 }
+
+}  // namespace
+
+HIVE_FUZZ_TARGET(seeds, one_input)

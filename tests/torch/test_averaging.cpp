@@ -291,7 +291,7 @@ struct FakeMember {
       for (const auto& [subkey, v] : record->dictionary)
         if (v.value.contains("deadline") && v.value["deadline"].get<double>() < best) {
           best = v.value["deadline"].get<double>();
-          leader = std::get<std::string>(subkey);
+          leader = dht::split_owned(std::get<std::string>(subkey)).value().second;
         }
       if (leader.empty()) return false;
       Message request;
@@ -309,15 +309,17 @@ struct FakeMember {
   }
 
   /// Sends chunk 0 of `flat`'s part of member `reducer` (a group of one chunk per part) with
-  /// `weight`, and gives up on the answer after `wait`; returns the error the reducer answered
-  /// with (empty when it answered with an average, or not in time).
+  /// `weight`, as member `sender` (itself by default), and gives up on the answer after
+  /// `wait`; returns the error the reducer answered with (empty when it answered with an
+  /// average, or not in time).
   std::string send_part(const std::string& prefix, const at::Tensor& flat, std::size_t reducer, double weight = 1.0,
-                        Seconds wait = Seconds(0.3)) {
+                        Seconds wait = Seconds(0.3), std::optional<std::size_t> sender = std::nullopt) {
     const auto parts = averaging::partition(group, flat.numel());
     const auto reducers = group.reducers();
     const auto p = static_cast<std::size_t>(std::find(reducers.begin(), reducers.end(), reducer) - reducers.begin());
     Message m;
-    m.header = {{"group", group.group_id}, {"sender", group.my_index}, {"chunk", 0}, {"weight", weight}, {"compression", "none"}};
+    m.header = {{"group", group.group_id}, {"sender", sender.value_or(group.my_index)}, {"chunk", 0}, {"weight", weight},
+                {"compression", "none"}};
     add_tensors(m, {flat.slice(0, parts[p].begin, parts[p].end).clone()});
     try {
       rpc->call(group.members[reducer].address, averaging::method_for(averaging::part_method, prefix), std::move(m), wait);
@@ -898,6 +900,7 @@ void check_bad_parts_dropped(const std::string& prefix, averaging::PartTamper at
     REQUIRE(results[i].dropped.size() == 1);
     CHECK(results[i].dropped[0].index == attacker);
     CHECK(results[i].dropped[0].address == attacker_address);
+    CHECK(results[i].dropped[0].peer == dhts[3]->identity().peer_id());
     CHECK(results[i].dropped[0].reason.find(reason) != std::string::npos);
     REQUIRE(results[i].unaveraged.size() == 1);
     CHECK(results[i].unaveraged[0].begin == parts[attacker].begin);
@@ -912,6 +915,7 @@ void check_bad_parts_dropped(const std::string& prefix, averaging::PartTamper at
     const auto bans = averagers[i]->banned_peers();
     REQUIRE(bans.size() == 1);
     CHECK(bans[0].address == attacker_address);
+    CHECK(bans[0].peer == dhts[3]->identity().peer_id());
     CHECK(bans[0].until > SteadyClock::now() + std::chrono::seconds(500));
   }
   // The next round forms without it: the honest peers average completely; it finds no group.
@@ -926,9 +930,11 @@ void check_bad_parts_dropped(const std::string& prefix, averaging::PartTamper at
   }
   INFO("attacker: ", again[3].error);
   CHECK_FALSE(again[3].ok);
-  // An operator may lift a ban.
-  averagers[0]->lift_ban(attacker_address);
+  // An operator may lift a ban, by peer id or by address.
+  averagers[0]->lift_ban(dhts[3]->identity().peer_id());
   CHECK(averagers[0]->banned_peers().empty());
+  averagers[1]->lift_ban(attacker_address);
+  CHECK(averagers[1]->banned_peers().empty());
 }
 
 }  // namespace
@@ -1003,7 +1009,55 @@ TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped a
       const auto bans = peers.averagers[i]->banned_peers();
       REQUIRE(bans.size() == 1);
       CHECK(bans[0].address == fake->address);
+      CHECK(bans[0].peer == fake->rpc->peer_id());
     }
+  }
+}
+
+TEST_CASE("averaging: a member cannot send parts under another member's index") {
+  // A hand-written member joins three honest peers, then sends a chunk to every reducer under
+  // another member's index. The reducers refuse it (the caller's proven id is not that
+  // member's), drop nobody, and average the honest members' chunks.
+  Peers<> peers(swarm(3), 60, fast("impersonation", 4));
+  auto fake = std::make_unique<FakeMember>(false);
+  const auto fake_flat = averaging::flatten_tensors(peer_tensors(97));
+  std::vector<std::string> refusals;
+  std::size_t victim = 0;
+  auto joined = std::async(std::launch::async, [&] {
+    auto n = fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
+    victim = fake->group.my_index == 0 ? 1 : 0;
+    for (std::size_t m = 0; m < fake->group.size(); ++m)
+      if (m != fake->group.my_index) refusals.push_back(fake->send_part("impersonation", fake_flat, m, 1.0, Seconds(5), victim));
+    fake->rpc->close();
+    return n;
+  });
+  auto results = step_all(peers.averagers);
+  REQUIRE(joined.get() == 4);
+  const auto& group = fake->group;
+  for (const auto& member : group.members) CHECK(hive::public_key_of(member.peer).has_value());
+  CHECK(group.members[group.my_index].peer == fake->rpc->peer_id());
+  REQUIRE(refusals.size() == 3);
+  for (const auto& r : refusals) {
+    INFO(r);
+    CHECK(r.find(fmt::format("sender {} of round", victim)) != std::string::npos);
+    CHECK(r.find(fake->rpc->peer_id()) != std::string::npos);
+  }
+  const auto parts = averaging::partition(group, averaging::flatten_tensors(peers.before[0]).numel());
+  std::vector<at::Tensor> before;
+  for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
+  const auto honest_mean = (before[0] + before[1] + before[2]) / 3;
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    CHECK(results[i].dropped.empty());  // not the member it named, not itself
+    CHECK(peers.averagers[i]->banned_peers().empty());
+    const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
+    for (std::size_t p = 0; p < parts.size(); ++p)
+      if (p != group.my_index)
+        CHECK((after.slice(0, parts[p].begin, parts[p].end) - honest_mean.slice(0, parts[p].begin, parts[p].end))
+                  .abs()
+                  .max()
+                  .item<double>() <= 1e-5);
   }
 }
 

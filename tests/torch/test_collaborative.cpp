@@ -66,7 +66,9 @@ TEST_CASE("averaging: parts follow the announced bandwidths, and every member de
   CHECK(even[1].size() == 3);
   // A group's partition skips client-mode members and reads each reducer's bandwidth.
   averaging::GroupInfo g;
-  g.members = {{"a:1", false, false, 3.0, nullptr}, {"", true, false, 0.0, nullptr}, {"b:1", false, false, 1.0, nullptr}};
+  g.members = {{"a:1", false, false, 3.0, nullptr, {}},
+               {"", true, false, 0.0, nullptr, {}},
+               {"b:1", false, false, 1.0, nullptr, {}}};
   auto p = averaging::partition(g, 400);
   REQUIRE(p.size() == 2);
   CHECK(p[0].size() == 300);

@@ -105,7 +105,7 @@ struct StrategyWithoutName {
   struct Runner {
     explicit Runner(std::shared_ptr<net::Rpc<T>>) {}
     asio::awaitable<averaging::Reduced> run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
-    asio::awaitable<Message> serve(Message, const averaging::AllReduceSettings&);
+    asio::awaitable<Message> serve(net::CallContext, Message, const averaging::AllReduceSettings&);
     void close() {}
   };
 };
@@ -115,7 +115,7 @@ struct StrategyWithBlockingRun {
   struct Runner {
     explicit Runner(std::shared_ptr<net::Rpc<T>>) {}
     averaging::Reduced run(const averaging::GroupInfo&, at::Tensor, double, const averaging::AllReduceSettings&);
-    asio::awaitable<Message> serve(Message, const averaging::AllReduceSettings&);
+    asio::awaitable<Message> serve(net::CallContext, Message, const averaging::AllReduceSettings&);
     void close() {}
   };
 };
@@ -137,8 +137,9 @@ struct LoggedButterfly {
       auto op = inner_->run(group, std::move(flat), weight, s);
       co_return co_await std::move(op);
     }
-    asio::awaitable<hive::Message> serve(hive::Message m, const hive::averaging::AllReduceSettings& s) {
-      auto op = inner_->serve(std::move(m), s);
+    asio::awaitable<hive::Message> serve(hive::net::CallContext ctx, hive::Message m,
+                                         const hive::averaging::AllReduceSettings& s) {
+      auto op = inner_->serve(std::move(ctx), std::move(m), s);
       co_return co_await std::move(op);
     }
     void close() { inner_->close(); }

@@ -305,11 +305,11 @@ class DecentralizedAverager {
     detail::run_blocking_on(core->rpc->get_executor(), [&] { out = core->bans->list(); });
     return out;
   }
-  /// Lifts the ban on `address`, if any (an operator who knows better). Any thread but the
-  /// DHT's io threads.
-  void lift_ban(const std::string& address) {
+  /// Lifts the ban on the peer with id or address `peer`, if any (an operator who knows
+  /// better). Any thread but the DHT's io threads.
+  void lift_ban(const std::string& peer) {
     auto core = core_;
-    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->bans->lift(address); });
+    detail::run_blocking_on(core->rpc->get_executor(), [&] { core->bans->lift(peer); });
   }
 
   /// Stops matchmaking and averaging (a round in progress fails), stops answering; idempotent.
@@ -411,13 +411,13 @@ class DecentralizedAverager {
       };
       // One averager per prefix and peer: the methods carry the prefix, and a second averager
       // of the same run would silently take over the first one's rounds.
-      const bool fresh = rpc->try_add_handler(join_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
-        return self->serve_join(std::move(m));
+      const bool fresh = rpc->try_add_handler(join_name, guard([](std::shared_ptr<Core> self, net::CallContext ctx, Message m) {
+        return self->serve_join(std::move(ctx), std::move(m));
       }));
       HIVE_CHECK(fresh, "this DHT peer already runs an averager with prefix '{}': give each averager its own prefix",
                  options.prefix());
-      rpc->add_handler(part_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
-                         return self->runner->serve(std::move(m), self->settings);
+      rpc->add_handler(part_name, guard([](std::shared_ptr<Core> self, net::CallContext ctx, Message m) {
+                         return self->runner->serve(std::move(ctx), std::move(m), self->settings);
                        }));
       rpc->add_handler(state_name, guard([](std::shared_ptr<Core> self, net::CallContext, Message m) {
                          return self->state->serve(std::move(m));
@@ -440,8 +440,9 @@ class DecentralizedAverager {
 
     // ----- matchmaking: the leader's side -----
 
-    asio::awaitable<Message> serve_join(Message m) {
-      JoinRequest request = decode_join_request(m.header);
+    asio::awaitable<Message> serve_join(net::CallContext ctx, Message m) {
+      // The requester is the peer its connection proved; its followers are the ones it vouches for.
+      JoinRequest request = decode_join_request(m.header, std::move(ctx.peer));
       auto reject = [](std::string reason, bool final) {
         return Message{{{"accepted", false}, {"reason", std::move(reason)}, {"final", final}}, {}};
       };
@@ -454,14 +455,17 @@ class DecentralizedAverager {
       if (request.compression != nlohmann::json(settings.compression)) co_return reject("different compression", true);
       auto& block = request.block;
       if (group_members() + block.size() > options.target_group_size()) co_return reject("the group is full", true);
+      const auto same = [](const Member& a, const Member& b) {
+        return (!a.peer.empty() && a.peer == b.peer) || (!a.client_mode && !b.client_mode && a.address == b.address);
+      };
       for (const auto& member : block) {
-        if (member.client_mode) continue;
-        if (bans->banned(member.address))
-          co_return reject(fmt::format("{} is banned from this peer's groups", member.address), true);
-        if (member.address == address) co_return reject("the request names this leader as a member", true);
+        if (bans->banned(ban_key(member)))
+          co_return reject(fmt::format("{} is banned from this peer's groups", ban_key(member)), true);
+        if (same(member, Member{address, false, false, 0, {}, rpc->peer_id()}))
+          co_return reject("the request names this leader as a member", true);
         for (const auto& w : waiters)
           for (const auto& other : w->block)
-            if (!other.client_mode && other.address == member.address) co_return reject("already in this group", true);
+            if (same(other, member)) co_return reject("already in this group", true);
       }
       auto waiter = std::make_shared<Waiter>();
       waiter->block = std::move(block);
@@ -476,6 +480,12 @@ class DecentralizedAverager {
                          {"members", std::move(members)},
                          {"index", waiter->group->my_index}},
                         {}};
+    }
+
+    // The owner marker this peer's announcements carry: its own, where the routing model signs
+    // records (then only this peer can write them), else none.
+    [[nodiscard]] std::string owner_marker() const {
+      return dht::signs_records<typename dht_type::node_type> ? rpc->identity().owner_marker() : std::string();
     }
 
     // What peers must share to meet: the tensors' shapes, and the round tag if any.
@@ -518,8 +528,11 @@ class DecentralizedAverager {
       for (const auto& [subkey, v] : decoded->dictionary) {
         // Anyone can write under the group key: malformed entries are skipped.
         const auto a = decode_announcement(subkey, v.value);
-        if (!a || a->address == address) continue;
-        if (bans->banned(a->address)) continue;  // never joins a peer it banned
+        if (!a || a->address == address || a->peer == rpc->peer_id()) continue;
+        // Where records are signed, an announcement without its owner's signature names a peer
+        // that did not write it (the DHT dropped forged signed ones already).
+        if (a->peer.empty() && dht::signs_records<typename dht_type::node_type>) continue;
+        if (bans->banned(a->peer.empty() ? a->address : a->peer)) continue;  // never joins a peer it banned
         Candidate c{a->address, a->deadline};
         // Clocks of separate machines differ: a leader whose deadline seems just past may still
         // be looking (it says so if not).
@@ -556,7 +569,7 @@ class DecentralizedAverager {
         Message reply = co_await std::move(op);
         std::size_t brought = 0;
         for (const auto& w : bringing) brought += w->block.size();
-        out = decode_join_reply(reply.header, address, client_mode, brought);
+        out = decode_join_reply(reply.header, address, client_mode, brought, rpc->peer_id());
       } catch (const std::exception& e) {
         out.group.reset();
         out.final = true;
@@ -579,11 +592,12 @@ class DecentralizedAverager {
           log::info("averaging", "this peer's address is now {} (was {})", visible.front(), address);
           address = visible.front();
         }
-        std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(address),
+        std::vector<dht::StoreItem> items{{Id160::of(key), dht::Subkey(announcement_subkey(owner_marker(), address)),
                                            nlohmann::json::to_msgpack(nlohmann::json{{"deadline", my_deadline_wall}, {"schema", matched_schema()}}),
                                            // outlives the deadline by the clock tolerance, so that
                                            // replicas whose clocks run ahead still hold it
                                            my_deadline_wall + max_clock_offset}};
+        dht::sign_items(*node, items);
         auto op = node->store_many(std::move(items));
         auto stored = co_await std::move(op);
         if (!stored.at(0)) log::debug("averaging", "announcing {} under {} reached no replica", address, key);
@@ -638,7 +652,7 @@ class DecentralizedAverager {
       }
       GroupInfo g;
       g.group_id = Id160::random().hex().substr(0, 24);
-      g.members.push_back(Member{address, false, options.auxiliary(), options.bandwidth(), my_gathered});
+      g.members.push_back(Member{address, false, options.auxiliary(), options.bandwidth(), my_gathered, rpc->peer_id()});
       for (const auto& w : followers)
         for (const auto& m : w->block) g.members.push_back(m);
       decide(followers, g, 1);
@@ -651,9 +665,10 @@ class DecentralizedAverager {
     // that expires a moment later wins), so that others stop asking it; in the background.
     void withdraw() {
       if (client_mode || my_deadline_wall + max_clock_offset <= node->now()) return;
-      std::vector<dht::StoreItem> items{{Id160::of(keys.group_key()), dht::Subkey(address),
+      std::vector<dht::StoreItem> items{{Id160::of(keys.group_key()), dht::Subkey(announcement_subkey(owner_marker(), address)),
                                          nlohmann::json::to_msgpack(nlohmann::json{{"looking", false}}),
                                          my_deadline_wall + max_clock_offset + 1e-3}};
+      dht::sign_items(*node, items);
       auto op = [self = this->shared_from_this(), items = std::move(items)]() mutable -> asio::awaitable<void> {
         try {
           auto store = self->node->store_many(std::move(items));

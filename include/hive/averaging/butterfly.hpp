@@ -79,17 +79,17 @@ struct AllReduceSettings {
 /// A model names itself (`A::name`, in logs) and provides `Runner<T>`, constructible from a
 /// peer's `std::shared_ptr<net::Rpc<T>>`, with `run(group, flat, weight, settings)` (awaitable:
 /// a Reduced, the group's weighted average of `flat` and the ranges that kept local values),
-/// `serve(request, settings)` (the handler of settings.method) and `close()`. See
-/// docs/concepts/strategy.md.
+/// `serve(context, request, settings)` (the handler of settings.method; `context.peer` is the
+/// caller's proven peer id) and `close()`. See docs/concepts/strategy.md.
 template <class A, class T>
 concept StrategyFor = net::Transport<T> && requires {
   { A::name } -> std::convertible_to<std::string_view>;
   typename A::template Runner<T>;
 } && std::constructible_from<typename A::template Runner<T>, std::shared_ptr<net::Rpc<T>>> &&
     requires(typename A::template Runner<T>& r, const GroupInfo& g, at::Tensor t, double w, const AllReduceSettings& s,
-             Message m) {
+             Message m, net::CallContext ctx) {
       { r.run(g, t, w, s) } -> std::same_as<asio::awaitable<Reduced>>;
-      { r.serve(std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
+      { r.serve(std::move(ctx), std::move(m), s) } -> std::same_as<asio::awaitable<Message>>;
       r.close();
     };
 
@@ -111,6 +111,9 @@ concept Strategy = StrategyFor<A, net::archetype::Transport>;
 /// answer within reducer_timeout, or answers with an error) keeps the sender's own values, and
 /// Reduced::unaveraged names it (hivemind's rule); the round fails only when no chunk at all
 /// came back.
+///
+/// A reducer takes a member's chunks only from the caller that proves the member's peer id
+/// (Member::peer, as the leader saw it prove it): a member cannot send under another's index.
 ///
 /// A member whose chunk fails validation (not one float vector of the chunk's length, values
 /// that are not finite, a weight outside [0, max_weight]) is dropped from the round by the
@@ -154,7 +157,7 @@ struct Butterfly {
       std::vector<std::string> excluded(group.size());
       if (s.bans)
         for (std::size_t i = 0; i < group.size(); ++i)
-          if (auto ban = s.bans->find(group.members[i].address); ban && i != group.my_index)
+          if (auto ban = s.bans->find(ban_key(group.members[i])); ban && i != group.my_index)
             excluded[i] = fmt::format("banned here ({})", ban->reason);
       const auto parts = partition(group, flat.numel());
       const auto deadline = deadline_after(s.timeout);
@@ -205,7 +208,8 @@ struct Butterfly {
           try {
             at::Tensor averaged;
             if (member == group.my_index) {
-              auto op = self->contribute(group.group_id, group.my_index, chunk_index, weight, piece, {}, deadline);
+              auto op = self->contribute(group.group_id, group.my_index, chunk_index, weight, piece, {}, deadline,
+                                         group.members[group.my_index].peer);
               auto encoded = co_await std::move(op);
               averaged = decode_tensor(encoded.descriptor, encoded.payload, s.limits);
             } else {
@@ -233,7 +237,7 @@ struct Butterfly {
                 // sender of garbage is.
                 if (round->dropped[member].empty()) round->dropped[member] = bad;
                 if (mine) drop(*mine, member, bad, true);
-                else if (s.bans) s.bans->ban(group.members[member].address, s.ban_duration, bad);
+                else if (s.bans) s.bans->ban(group.members[member].peer, group.members[member].address, s.ban_duration, bad);
                 throw Error(errc::bad_tensor, bad);
               }
             }
@@ -282,8 +286,10 @@ struct Butterfly {
     }
 
     /// Serves part_method: adds a sender's chunk to this peer's reduction and answers with the
-    /// chunk's aggregate once it is known.
-    asio::awaitable<Message> serve(Message m, const AllReduceSettings& s) {
+    /// chunk's aggregate once it is known. A chunk under a member index whose peer id is not
+    /// the caller's (`ctx.peer`) is refused (errc::invalid_argument), and costs that member
+    /// nothing.
+    asio::awaitable<Message> serve(net::CallContext ctx, Message m, const AllReduceSettings& s) {
       const auto& h = m.header;
       if (!h.is_object() || !h.contains("group") || !h["group"].is_string() || !h.contains("sender") ||
           !h["sender"].is_number_unsigned() || !h.contains("chunk") || !h["chunk"].is_number_unsigned() ||
@@ -301,7 +307,8 @@ struct Butterfly {
         bad = fmt::format("malformed chunk: {}", e.what());
       }
       auto op = contribute(h["group"].get<std::string>(), h["sender"].get<std::size_t>(), h["chunk"].get<std::size_t>(),
-                           h["weight"].get<double>(), values, std::move(bad), deadline_after(s.registration_timeout));
+                           h["weight"].get<double>(), values, std::move(bad), deadline_after(s.registration_timeout),
+                           std::move(ctx.peer));
       auto encoded = co_await std::move(op);
       Message reply;
       auto d = encoded.descriptor;
@@ -343,6 +350,7 @@ struct Butterfly {
       std::size_t my_index = 0;
       std::vector<bool> auxiliary;
       std::vector<std::string> addresses;
+      std::vector<std::string> peers;
       std::vector<std::string> dropped;  // why each member was dropped; empty: it was not
       std::vector<std::unique_ptr<Chunk>> chunks;
       Deadline created;
@@ -367,6 +375,7 @@ struct Butterfly {
       for (const auto& m : group.members) {
         r->auxiliary.push_back(m.auxiliary);
         r->addresses.push_back(m.address);
+        r->peers.push_back(m.peer);
       }
       r->dropped = excluded;
       r->created = now;
@@ -399,7 +408,7 @@ struct Butterfly {
       std::vector<DroppedMember> out;
       for (std::size_t i = 0; i < group.size(); ++i) {
         const std::string* why = mine && !mine->dropped[i].empty() ? &mine->dropped[i] : &reasons[i];
-        if (!why->empty()) out.push_back({i, group.members[i].address, *why});
+        if (!why->empty()) out.push_back({i, group.members[i].address, group.members[i].peer, *why});
       }
       return out;
     }
@@ -446,17 +455,19 @@ struct Butterfly {
       if (!r.dropped[sender].empty()) return;
       r.dropped[sender] = reason;
       const auto& address = r.addresses[sender];
-      const bool banning = ban && r.bans && sender != r.my_index && !address.empty() && r.ban_duration > Seconds(0);
+      const auto& peer = r.peers[sender];
+      const bool banning = ban && r.bans && sender != r.my_index && !(address.empty() && peer.empty()) &&
+                           r.ban_duration > Seconds(0);
       log::warn("averaging", "round {}: dropped member {} ({}){}: {}", r.group_id, sender,
                 address.empty() ? "client mode" : address,
                 banning ? fmt::format(", banned for {:.0f} s", r.ban_duration.count()) : std::string(), reason);
-      if (banning) r.bans->ban(address, r.ban_duration, reason);
+      if (banning) r.bans->ban(peer, address, r.ban_duration, reason);
       for (auto& c : r.chunks)
         if (!c->done && !waiting(r, *c)) finish(r, *c);
     }
 
     asio::awaitable<EncodedTensor> contribute(std::string group_id, std::size_t sender, std::size_t chunk, double weight,
-                                              at::Tensor values, std::string bad, Deadline wait_until) {
+                                              at::Tensor values, std::string bad, Deadline wait_until, std::string caller) {
       std::shared_ptr<Reduction> r;
       for (;;) {
         if (closed_) throw Error(errc::shutdown, "the averager is shutting down");
@@ -471,6 +482,10 @@ struct Butterfly {
       }
       if (sender >= r->senders)
         throw Error(errc::invalid_argument, fmt::format("sender {} outside a group of {}", sender, r->senders));
+      // Only the member itself may send under its index (its id was proven to the leader).
+      if (!r->peers[sender].empty() && r->peers[sender] != caller)
+        throw Error(errc::invalid_argument, fmt::format("sender {} of round '{}' is peer {}, not the caller {}", sender,
+                                                        group_id, r->peers[sender], caller.empty() ? "(unknown)" : caller));
       if (r->auxiliary[sender])
         throw Error(errc::invalid_argument, fmt::format("sender {} is an auxiliary member, which sends nothing", sender));
       if (chunk >= r->chunks.size())

@@ -173,8 +173,9 @@ struct Gloo {
     }
 
     /// Serves part_method for Gloo rounds: answers a member's {"group", "store": true} with
-    /// {"port"} of the store this peer leads for that round, once it is open.
-    asio::awaitable<Message> serve(Message m, const AllReduceSettings& s) {
+    /// {"port"} of the store this peer leads for that round, once it is open. The caller's id
+    /// is not checked: Gloo's own connections are not authenticated (docs/security.md).
+    asio::awaitable<Message> serve(net::CallContext, Message m, const AllReduceSettings& s) {
       const auto& h = m.header;
       if (!h.is_object() || !h.contains("group") || !h["group"].is_string() || !h.contains("store") ||
           !h["store"].is_boolean())

@@ -5,7 +5,9 @@
 
 #include <hive/core/error.hpp>
 #include <hive/core/id.hpp>
+#include <hive/core/identity.hpp>
 #include <hive/dht/storage.hpp>
+#include <hive/dht/validation.hpp>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -42,16 +44,24 @@ struct Member {
   double bandwidth = 0;
   /// What the member attached to the round (see DecentralizedAverager::step).
   nlohmann::json gathered;
+  /// Its peer id (hive::Identity), as the connection it joined over proved it to the leader:
+  /// a reducer takes this member's chunks only from a caller that proves this id. Empty where
+  /// the id is not known (then chunks are taken from any caller).
+  std::string peer;
 };
 
-/// Writes a member as {"address", "client_mode", "auxiliary", "bandwidth", "gathered"}.
+/// The key a member is banned under (BanList): its peer id, or its address when the id is not
+/// known.
+[[nodiscard]] inline const std::string& ban_key(const Member& m) noexcept { return m.peer.empty() ? m.address : m.peer; }
+
+/// Writes a member as {"address", "client_mode", "auxiliary", "bandwidth", "gathered", "peer"}.
 inline void to_json(nlohmann::json& j, const Member& m) {
   j = {{"address", m.address},     {"client_mode", m.client_mode}, {"auxiliary", m.auxiliary},
-       {"bandwidth", m.bandwidth}, {"gathered", m.gathered}};
+       {"bandwidth", m.bandwidth}, {"gathered", m.gathered},       {"peer", m.peer}};
 }
 
 /// Reads a member; throws nlohmann::json exceptions on a malformed one (a bandwidth that is
-/// not a finite number >= 0, an auxiliary member in client mode).
+/// not a finite number >= 0, an auxiliary member in client mode, a peer id that is not one).
 inline void from_json(const nlohmann::json& j, Member& m) {
   m.address = j.at("address").get<std::string>();
   m.client_mode = j.at("client_mode").get<bool>();
@@ -62,6 +72,9 @@ inline void from_json(const nlohmann::json& j, Member& m) {
   if (m.auxiliary && m.client_mode)
     throw nlohmann::json::other_error::create(501, "a member cannot be both auxiliary and in client mode", &j);
   m.gathered = j.contains("gathered") ? j["gathered"] : nlohmann::json();
+  m.peer = j.contains("peer") ? j["peer"].get<std::string>() : std::string();
+  if (!m.peer.empty() && !public_key_of(m.peer))
+    throw nlohmann::json::other_error::create(501, "a member's 'peer' must be a peer id (hive::Identity)", &j);
 }
 
 /// A group assembled by matchmaking: an id, the members (leader first), and this peer's place.
@@ -102,10 +115,13 @@ struct JoinRequest {
   std::vector<Member> block;
 };
 
-/// Decodes an avg.join request header. Throws hive::Error(errc::bad_header) when 'key',
-/// 'schema', 'address' (strings) or 'client_mode' (bool) is missing, when a member is malformed
-/// (see from_json(Member)), or when a member that averages a part has no address.
-[[nodiscard]] inline JoinRequest decode_join_request(const nlohmann::json& h) {
+/// Decodes an avg.join request header from the caller whose connection proved peer id
+/// `caller` (net::CallContext::peer): the requester's Member::peer is that id, whatever the
+/// header says; its followers' ids are the ones it vouches for. Throws
+/// hive::Error(errc::bad_header) when 'key', 'schema', 'address' (strings) or 'client_mode'
+/// (bool) is missing, when a member is malformed (see from_json(Member)), when a member that
+/// averages a part has no address, or when two members name the same peer id.
+[[nodiscard]] inline JoinRequest decode_join_request(const nlohmann::json& h, std::string caller = {}) {
   if (!h.is_object() || !h.contains("key") || !h["key"].is_string() || !h.contains("schema") ||
       !h["schema"].is_string() || !h.contains("client_mode") || !h["client_mode"].is_boolean() ||
       !h.contains("address") || !h["address"].is_string())
@@ -119,6 +135,7 @@ struct JoinRequest {
   requester.address = h["address"].get<std::string>();
   requester.client_mode = h["client_mode"].get<bool>();
   requester.gathered = h.value("gathered", nlohmann::json());
+  requester.peer = std::move(caller);
   try {
     requester.auxiliary = h.value("auxiliary", false);
     requester.bandwidth = h.value("bandwidth", 0.0);
@@ -135,9 +152,14 @@ struct JoinRequest {
       throw Error(errc::bad_header, fmt::format("avg.join: bad 'followers': {}", e.what()));
     }
   }
-  for (const auto& member : r.block)
+  for (std::size_t i = 0; i < r.block.size(); ++i) {
+    const auto& member = r.block[i];
     if (!member.client_mode && member.address.empty())
       throw Error(errc::bad_header, "avg.join: a member that averages a part needs an address");
+    for (std::size_t j = 0; j < i && !member.peer.empty(); ++j)
+      if (r.block[j].peer == member.peer)
+        throw Error(errc::bad_header, fmt::format("avg.join: peer {} appears twice among the members", member.peer));
+  }
   return r;
 }
 
@@ -152,11 +174,11 @@ struct JoinAnswer {
 };
 
 /// Decodes a leader's avg.join reply to the peer at `address` (in client mode or not) that
-/// brought `brought` followers along, who take the places after it. Throws
-/// hive::Error(errc::bad_header) for a malformed reply, or a group that does not hold the peer
-/// and its followers where it says.
+/// brought `brought` followers along, who take the places after it; with `peer` (this peer's
+/// id), its place must carry that id. Throws hive::Error(errc::bad_header) for a malformed
+/// reply, or a group that does not hold the peer and its followers where it says.
 [[nodiscard]] inline JoinAnswer decode_join_reply(const nlohmann::json& h, std::string_view address, bool client_mode,
-                                                  std::size_t brought) {
+                                                  std::size_t brought, std::string_view peer = {}) {
   if (!h.is_object() || !h.contains("accepted") || !h["accepted"].is_boolean())
     throw Error(errc::bad_header, "avg.join reply lacks 'accepted'");
   JoinAnswer out;
@@ -176,17 +198,23 @@ struct JoinAnswer {
   }
   const auto& g = *out.group;
   if (g.members.size() < 2 || g.my_index >= g.members.size() || brought >= g.members.size() - g.my_index ||
-      g.members[g.my_index].address != address || g.members[g.my_index].client_mode != client_mode)
+      g.members[g.my_index].address != address || g.members[g.my_index].client_mode != client_mode ||
+      (!peer.empty() && g.members[g.my_index].peer != peer))
     throw Error(errc::bad_header, "avg.join reply names a group this peer is not in");
   return out;
 }
 
 /// A peer's matchmaking announcement, one entry of the group key's DHT dictionary: the subkey
-/// is its address, the value {"deadline": number, "schema": string} while it looks for a group
-/// (hive overwrites it with {"looking": false}, which names no peer to ask, when it stops).
+/// is its owner marker and address ("[owner:<peer id>]host:port", announcement_subkey), so
+/// that only the peer itself can write it (dht::SignatureValidator), or the bare address on a
+/// routing model that signs nothing; the value is {"deadline": number, "schema": string} while
+/// it looks for a group (hive overwrites it with {"looking": false}, which names no peer to
+/// ask, when it stops).
 struct Announcement {
   /// Where the peer takes join requests.
   std::string address;
+  /// The peer id that signed it; empty for an unsigned announcement.
+  std::string peer;
   /// Its matchmaking deadline (wall-clock seconds, its own clock).
   double deadline = 0;
   /// Its schema (empty when absent).
@@ -195,21 +223,31 @@ struct Announcement {
   bool looking = true;
 };
 
+/// The subkey a peer announces itself under: `owner_marker` (Identity::owner_marker(), or
+/// empty on a routing model that signs nothing) followed by its address.
+[[nodiscard]] inline std::string announcement_subkey(std::string_view owner_marker, std::string_view address) {
+  return fmt::format("{}{}", owner_marker, address);
+}
+
 /// Reads one entry of a group key's dictionary; nullopt when it is not a well-formed
-/// announcement (a subkey that is not a string, no finite 'deadline', a 'schema' that is not a
-/// string or a 'looking' that is not a bool). Never throws for a malformed value.
+/// announcement (a subkey that is not a string of the announcement_subkey form, no finite
+/// 'deadline', a 'schema' that is not a string or a 'looking' that is not a bool). The caller
+/// decides whether unsigned ones (Announcement::peer empty) count. Never throws for a
+/// malformed value.
 [[nodiscard]] inline std::optional<Announcement> decode_announcement(const dht::Subkey& subkey,
                                                                     const nlohmann::json& value) {
-  const auto* address = std::get_if<std::string>(&subkey);
-  if (!address || !value.is_object()) return std::nullopt;
+  const auto* text = std::get_if<std::string>(&subkey);
+  if (!text || !value.is_object()) return std::nullopt;
+  const auto owned = dht::split_owned(*text);
+  if (!owned || owned->second.empty()) return std::nullopt;
   auto deadline = value.find("deadline");
   auto schema = value.find("schema");
   auto looking = value.find("looking");
   if (deadline == value.end() || !deadline->is_number() || (schema != value.end() && !schema->is_string()) ||
       (looking != value.end() && !looking->is_boolean()))
     return std::nullopt;
-  Announcement a{*address, deadline->get<double>(), schema == value.end() ? std::string() : schema->get<std::string>(),
-                 looking == value.end() || looking->get<bool>()};
+  Announcement a{owned->second, owned->first, deadline->get<double>(),
+                 schema == value.end() ? std::string() : schema->get<std::string>(), looking == value.end() || looking->get<bool>()};
   // A NaN would break the ordering that candidates are sorted by.
   if (!std::isfinite(a.deadline)) return std::nullopt;
   return a;

@@ -61,7 +61,8 @@ inline void from_json(const nlohmann::json& j, Aggregation& a) {
       a = c;
       return;
     }
-  throw InvalidArgument(fmt::format("unknown aggregation {} (known: mean, centered_clip, trimmed_mean)", j.dump()));
+  throw InvalidArgument(fmt::format("unknown aggregation {} (known: mean, centered_clip, trimmed_mean)",
+                                    j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
 }
 /// Writes a clip start by name.
 inline void to_json(nlohmann::json& j, ClipStart s) { j = to_string(s); }
@@ -72,7 +73,8 @@ inline void from_json(const nlohmann::json& j, ClipStart& s) {
       s = c;
       return;
     }
-  throw InvalidArgument(fmt::format("unknown CenteredClip start {} (known: median, mean)", j.dump()));
+  throw InvalidArgument(fmt::format("unknown CenteredClip start {} (known: median, mean)",
+                                    j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
 }
 
 /// How a butterfly reducer aggregates each chunk of its part (AveragerOptions::aggregation).
@@ -179,17 +181,23 @@ struct AggregationOptions {
 /// instead (scaled, random, NaN, another shape or dtype...). Honest peers never set one.
 using PartTamper = std::function<at::Tensor(const at::Tensor& chunk)>;
 
-/// A peer banned from this peer's groups: its address, until when, and why.
+/// A peer banned from this peer's groups: its peer id and address, until when, and why.
 struct Ban {
-  /// The member's address (as in its group's member list).
+  /// The member's peer id (hive::Identity); empty when it was not known.
+  std::string peer;
+  /// The member's address (as in its group's member list; empty for a client-mode member).
   std::string address;
   /// When the ban ends (this peer's steady clock).
   Deadline until{};
   /// What it sent (e.g. "chunk 0 holds non-finite values").
   std::string reason;
+
+  /// What the ban is kept under: the peer id, or the address when the id is not known.
+  [[nodiscard]] const std::string& key() const noexcept { return peer.empty() ? address : peer; }
 };
 
-/// Peers banned from a peer's averaging groups for a while, by address.
+/// Peers banned from a peer's averaging groups for a while, by peer id (a peer that moves to
+/// another address stays banned), or by address for members whose id is not known.
 ///
 /// @par Thread safety
 /// None: the averager touches it only on its DHT peer's strand.
@@ -198,32 +206,34 @@ class BanList {
   /// Most bans kept at once; past it, the ban that ends first makes room.
   static constexpr std::size_t max_bans = 4096;
 
-  /// Bans `address` for `duration` (extends a shorter ban). An empty address (a client-mode
-  /// member, which has none) or a duration <= 0 bans nothing.
-  void ban(const std::string& address, Seconds duration, std::string reason) {
-    if (address.empty() || !(duration > Seconds(0))) return;
+  /// Bans the member with `peer` id at `address` for `duration` (extends a shorter ban). A
+  /// member with neither (a client-mode member of unknown id) or a duration <= 0 bans nothing.
+  void ban(const std::string& peer, const std::string& address, Seconds duration, std::string reason) {
+    Ban b{peer, address, {}, std::move(reason)};
+    if (b.key().empty() || !(duration > Seconds(0))) return;
     const auto now = SteadyClock::now();
     std::erase_if(bans_, [&](const auto& kv) { return kv.second.until <= now; });
-    const auto until = now + std::chrono::duration_cast<SteadyClock::duration>(duration);
-    if (auto it = bans_.find(address); it != bans_.end()) {
-      if (it->second.until < until) it->second = Ban{address, until, std::move(reason)};
+    b.until = now + std::chrono::duration_cast<SteadyClock::duration>(duration);
+    if (auto it = bans_.find(b.key()); it != bans_.end()) {
+      if (it->second.until < b.until) it->second = std::move(b);
       return;
     }
     if (bans_.size() >= max_bans)
       bans_.erase(std::min_element(bans_.begin(), bans_.end(),
-                                   [](const auto& a, const auto& b) { return a.second.until < b.second.until; }));
-    bans_.emplace(address, Ban{address, until, std::move(reason)});
+                                   [](const auto& a, const auto& c) { return a.second.until < c.second.until; }));
+    auto key = b.key();
+    bans_.emplace(std::move(key), std::move(b));
   }
-  /// The ban on `address` if one is in force.
-  [[nodiscard]] std::optional<Ban> find(const std::string& address) const {
-    if (address.empty()) return std::nullopt;
-    auto it = bans_.find(address);
+  /// The ban in force on `key` (a peer id, or an address for a member of unknown id), if any.
+  [[nodiscard]] std::optional<Ban> find(const std::string& key) const {
+    if (key.empty()) return std::nullopt;
+    auto it = bans_.find(key);
     if (it == bans_.end() || it->second.until <= SteadyClock::now()) return std::nullopt;
     return it->second;
   }
-  /// True when `address` is banned now.
-  [[nodiscard]] bool banned(const std::string& address) const { return find(address).has_value(); }
-  /// The bans in force, by address.
+  /// True when `key` (a peer id, or an address) is banned now.
+  [[nodiscard]] bool banned(const std::string& key) const { return find(key).has_value(); }
+  /// The bans in force.
   [[nodiscard]] std::vector<Ban> list() const {
     std::vector<Ban> out;
     const auto now = SteadyClock::now();
@@ -231,8 +241,11 @@ class BanList {
       if (b.until > now) out.push_back(b);
     return out;
   }
-  /// Lifts the ban on `address`, if any.
-  void lift(const std::string& address) { bans_.erase(address); }
+  /// Lifts the ban on `key` (a peer id, or an address), if any; also a ban whose address is
+  /// `key`.
+  void lift(const std::string& key) {
+    std::erase_if(bans_, [&](const auto& kv) { return kv.first == key || kv.second.address == key; });
+  }
 
  private:
   std::map<std::string, Ban> bans_;
@@ -244,6 +257,8 @@ struct DroppedMember {
   std::size_t index = 0;
   /// Its address (empty for a client-mode member).
   std::string address;
+  /// Its peer id (Member::peer).
+  std::string peer;
   /// What failed validation, e.g. "chunk 0 holds non-finite values", or that it is banned here.
   std::string reason;
 };

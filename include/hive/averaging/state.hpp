@@ -6,6 +6,7 @@
 /// from the swarm's state instead of from scratch.
 
 #include <hive/fwd.hpp>
+#include <hive/averaging/group.hpp>
 #include <hive/core/log.hpp>
 #include <hive/core/options.hpp>
 #include <hive/core/tensor_codec.hpp>
@@ -175,10 +176,15 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
     if (record)
       if (auto decoded = dht_type::decode(*record))
         for (const auto& [subkey, v] : decoded->dictionary) {
-          const auto* a = std::get_if<std::string>(&subkey);
-          if (!a || *a == address_ || !v.value.is_object() || !v.value.contains("priority") || !v.value["priority"].is_number())
+          // Signed entries ("[owner:<id>]host:port", as group announcements); where records are
+          // signed, an unsigned one names a peer that did not write it.
+          const auto* text = std::get_if<std::string>(&subkey);
+          const auto owned = text ? dht::split_owned(*text) : std::nullopt;
+          if (!owned || owned->second.empty() || owned->second == address_ || owned->first == rpc_->peer_id() ||
+              (owned->first.empty() && dht::signs_records<typename dht_type::node_type>) || !v.value.is_object() ||
+              !v.value.contains("priority") || !v.value["priority"].is_number())
             continue;
-          peers.emplace_back(v.value["priority"].template get<double>(), *a);
+          peers.emplace_back(v.value["priority"].template get<double>(), owned->second);
         }
     std::sort(peers.begin(), peers.end(), std::greater<>());
     co_return peers;
@@ -195,8 +201,10 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
     declaring_ = true;
     while (!closed_ && provider_) {
       const double expiration = node_->now() + 2 * options_.declare_period().count();
-      std::vector<dht::StoreItem> items{{Id160::of(key_), dht::Subkey(address_),
+      const auto marker = dht::signs_records<typename dht_type::node_type> ? rpc_->identity().owner_marker() : std::string();
+      std::vector<dht::StoreItem> items{{Id160::of(key_), dht::Subkey(announcement_subkey(marker, address_)),
                                          nlohmann::json::to_msgpack(nlohmann::json{{"priority", priority_.load()}}), expiration}};
+      dht::sign_items(*node_, items);
       try {
         auto op = node_->store_many(std::move(items));
         co_await std::move(op);

@@ -12,8 +12,10 @@ namespace hive {
 /// Bounds on what a peer accepts from the network. Each is checked before allocation, so a
 /// hostile or broken peer cannot make this one allocate more than these allow.
 struct Limits {
-  /// Largest frame body accepted, in bytes (header plus all tensor payloads).
-  HIVE_ARG(std::uint64_t, max_frame_bytes, std::uint64_t{1} << 31);
+  /// Largest frame body accepted, in bytes (header plus all tensor payloads). What hive sends
+  /// in bulk travels in parts well below it (averaging chunks, state parts of 8 MiB, serving
+  /// snapshots); raise it for remote-expert batches above 256 MiB.
+  HIVE_ARG(std::uint64_t, max_frame_bytes, std::uint64_t{256} << 20);
   /// Largest MessagePack header accepted, in bytes.
   HIVE_ARG(std::uint32_t, max_header_bytes, 4u << 20);
   /// Deepest nesting of maps and arrays accepted in a MessagePack header (and in DHT values);

@@ -19,6 +19,32 @@
 
 namespace hive {
 
+namespace dht {
+
+/// True for a protocol peer type that runs record validators (dht::Node; not dht::OpenDHT's),
+/// so that it can sign records and check signatures.
+template <class N>
+inline constexpr bool signs_records = requires(const N& n) { n.validators(); };
+
+/// Signs, in place, the values of `items` whose subkey names this peer as their owner
+/// (`[owner:<peer id>]`, Identity::owner_marker()), as BasicDHT::async_store does; others are
+/// left as they are (a validator's sign() may still wrap them). `node`'s routing model must
+/// sign records (signs_records); on one that does not, nothing changes. A key's own owner
+/// marker is not seen here (items carry the key's id only): use BasicDHT::async_store for
+/// those.
+template <class N>
+void sign_items(const N& node, std::vector<StoreItem>& items) {
+  if constexpr (signs_records<N>) {
+    const auto validators = node.validators();
+    for (auto& item : items) {
+      const RecordView view{item.key, {}, item.subkey ? &*item.subkey : nullptr, item.value, item.expiration};
+      item.value = validators->sign(view);
+    }
+  }
+}
+
+}  // namespace dht
+
 /// Run-time knobs of a DHT peer (the facade).
 struct DHTOptions {
   /// Addresses of peers already in the swarm ("host:port"); empty starts a new swarm.

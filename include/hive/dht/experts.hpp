@@ -119,23 +119,44 @@ inline std::vector<std::string> expand_uid_pattern(std::string_view pattern, std
   return uids;
 }
 
-/// The records that announce `uids` at `address`: the uid itself → address, and for each
-/// proper prefix ("expert.", "expert.3.") a dictionary entry (subkey = next coordinate) →
-/// [uid, address], so that beam search can list the alive children of a prefix.
+/// The records that announce `uids` at `address`, each a dictionary entry whose subkey starts
+/// with the declaring peer's `owner_marker` (Identity::owner_marker(); empty on a routing
+/// model that signs nothing), so that only that peer can write or replace it: the uid → {marker:
+/// address}, and for each proper prefix ("expert.", "expert.3.") → {marker + next coordinate:
+/// [uid, address]}, so that beam search can list the alive children of a prefix. Peers that
+/// declare the same uid each keep their own entry. The values still need signing
+/// (sign_items).
 inline std::vector<StoreItem> expert_records(const std::vector<std::string>& uids, const std::string& address,
-                                             double expiration) {
+                                             double expiration, std::string_view owner_marker = {}) {
   std::vector<StoreItem> items;
   for (const auto& uid : uids) {
     auto [prefix, coords] = parse_uid(uid);
-    items.push_back({Id160::of(uid), std::nullopt, nlohmann::json::to_msgpack(nlohmann::json(address)), expiration});
+    items.push_back({Id160::of(uid), Subkey(std::string(owner_marker)), nlohmann::json::to_msgpack(nlohmann::json(address)),
+                     expiration});
     std::string key = prefix + uid_delimiter;
     const auto entry = nlohmann::json::to_msgpack(nlohmann::json::array({uid, address}));
     for (std::size_t i = 0; i < coords.size(); ++i) {
-      items.push_back({Id160::of(key), Subkey(coords[i]), entry, expiration});
+      items.push_back({Id160::of(key), Subkey(fmt::format("{}{}", owner_marker, coords[i])), entry, expiration});
       key += std::to_string(coords[i]) + uid_delimiter;
     }
   }
   return items;
+}
+
+/// Reads a coordinate written by expert_records from a prefix dictionary's `subkey`: the
+/// declaring peer's id (empty when unsigned) and the coordinate; nullopt for anything else.
+[[nodiscard]] inline std::optional<std::pair<std::string, std::int64_t>> expert_coordinate(const Subkey& subkey) {
+  const auto* text = std::get_if<std::string>(&subkey);
+  if (!text) return std::nullopt;
+  auto owned = split_owned(*text);
+  if (!owned) return std::nullopt;
+  const auto& digits = owned->second;
+  std::int64_t value = -1;
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
+  if (digits.empty() || ec != std::errc{} || end != digits.data() + digits.size() || value < 0 ||
+      (digits.size() > 1 && digits[0] == '0'))
+    return std::nullopt;
+  return std::pair{std::move(owned->first), value};
 }
 
 /// The store items of one declaration, deduplicated: experts that share a prefix write the
@@ -155,16 +176,17 @@ struct ExpertDeclaration {
   }
 };
 
-/// Builds the records that announce `uids` at `address` until `expiration`; throws
-/// hive::InvalidArgument for a malformed uid or an empty address.
+/// Builds the records that announce `uids` at `address` until `expiration`, owned by the peer
+/// whose marker is `owner_marker` (see expert_records; sign them with sign_items before
+/// storing); throws hive::InvalidArgument for a malformed uid or an empty address.
 inline ExpertDeclaration declare_experts_items(const std::vector<std::string>& uids, const std::string& address,
-                                               double expiration) {
+                                               double expiration, std::string_view owner_marker = {}) {
   HIVE_CHECK(!address.empty(), "declare_experts needs the address the experts are served at");
   ExpertDeclaration d;
   std::map<std::pair<Id160, std::optional<Subkey>>, std::size_t> index;
   d.records_of.resize(uids.size());
   for (std::size_t u = 0; u < uids.size(); ++u) {
-    for (auto& record : expert_records({uids[u]}, address, expiration)) {
+    for (auto& record : expert_records({uids[u]}, address, expiration, owner_marker)) {
       auto [it, inserted] = index.try_emplace({record.key, record.subkey}, d.items.size());
       if (inserted) d.items.push_back(std::move(record));
       d.records_of[u].push_back(it->second);
@@ -173,14 +195,25 @@ inline ExpertDeclaration declare_experts_items(const std::vector<std::string>& u
   return d;
 }
 
-/// Announces that `address` serves `uids` until `expiration`. Completes `token` (any Asio
-/// completion token for `void(std::exception_ptr, std::vector<bool>)`; a std::future by
-/// default) with, per uid, whether all of its records were accepted by at least one replica.
-/// Throws hive::InvalidArgument at once for a malformed uid or an empty address.
+/// The owner marker `dht`'s expert records carry: its own, where its routing model signs
+/// records, else none.
+template <net::Transport T, Routing R>
+[[nodiscard]] std::string expert_owner_marker(const BasicDHT<T, R>& dht) {
+  return signs_records<typename BasicDHT<T, R>::node_type> ? dht.owner_marker() : std::string();
+}
+
+/// Announces that `address` serves `uids` until `expiration`, in records signed by this peer
+/// (expert_records), so that nobody else can declare experts in its name. Completes `token`
+/// (any Asio completion token for `void(std::exception_ptr, std::vector<bool>)`; a
+/// std::future by default) with, per uid, whether all of its records were accepted by at
+/// least one replica. Throws hive::InvalidArgument at once for a malformed uid or an empty
+/// address.
 template <net::Transport T, Routing R, class Token = asio::use_future_t<>>
 auto async_declare_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, const std::string& address,
                            double expiration, Token&& token = {}) {
-  auto declaration = std::make_shared<ExpertDeclaration>(declare_experts_items(uids, address, expiration));
+  auto declaration =
+      std::make_shared<ExpertDeclaration>(declare_experts_items(uids, address, expiration, expert_owner_marker(dht)));
+  sign_items(*dht.node(), declaration->items);
   return asio::co_spawn(
       dht.executor(),
       [node = dht.node(), declaration]() -> asio::awaitable<std::vector<bool>> {
@@ -199,7 +232,26 @@ std::vector<bool> declare_experts(BasicDHT<T, R>& dht, const std::vector<std::st
   return async_declare_experts(dht, uids, address, expiration, asio::use_future).get();
 }
 
-/// Resolves each uid to the address serving it, or nullopt when no alive record exists;
+/// The address in a uid's record (expert_records) that expires last, among the entries signed
+/// by their owner (or, with `signed_only` false, also unsigned ones); nullopt when there is
+/// none.
+[[nodiscard]] inline std::optional<std::string> expert_address(const DHTRecord& record, bool signed_only) {
+  std::optional<std::string> best;
+  double latest = -1;
+  for (const auto& [subkey, v] : record.dictionary) {
+    const auto* text = std::get_if<std::string>(&subkey);
+    const auto owned = text ? split_owned(*text) : std::nullopt;
+    if (!owned || !owned->second.empty() || (signed_only && owned->first.empty()) || !v.value.is_string()) continue;
+    if (v.expiration > latest) {
+      latest = v.expiration;
+      best = v.value.get<std::string>();
+    }
+  }
+  return best;
+}
+
+/// Resolves each uid to the address serving it (the latest-expiring signed declaration),
+/// or nullopt when no alive record exists;
 /// completes `token` for `void(std::exception_ptr, std::vector<std::optional<std::string>>)`
 /// (a std::future by default). Throws hive::InvalidArgument at once for a malformed uid.
 template <net::Transport T, Routing R, class Token = asio::use_future_t<>>
@@ -234,8 +286,7 @@ auto async_get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids
           dht.async_get(uids[i], /*latest=*/false, [g, i, finish](std::exception_ptr error, std::optional<DHTRecord> record) {
             std::unique_lock lock(g->mutex);
             if (error && !g->error) g->error = error;
-            if (record && record->value && record->value->value.is_string())
-              g->out[i] = record->value->value.template get<std::string>();
+            if (record) g->out[i] = expert_address(*record, signs_records<typename BasicDHT<T, R>::node_type>);
             if (--g->left == 0) {
               lock.unlock();
               finish();
@@ -295,9 +346,16 @@ class ExpertDirectory {
   /// Looks keys up; returns one record (or nullopt) per key, in order.
   using Fetch = std::function<std::vector<std::optional<DHTRecord>>(const std::vector<std::string>& keys)>;
 
-  /// A directory of grid `grid` under `uid_prefix` ("expert"), reading the DHT through `fetch`.
-  ExpertDirectory(Fetch fetch, std::string uid_prefix, std::vector<std::int64_t> grid, ExpertDirectoryOptions options = {})
-      : fetch_(std::move(fetch)), prefix_(std::move(uid_prefix)), grid_(std::move(grid)), options_(std::move(options)) {
+  /// A directory of grid `grid` under `uid_prefix` ("expert"), reading the DHT through `fetch`;
+  /// with `signed_only`, it takes only entries signed by the peer that declared them (over()
+  /// sets it for a DHT that signs records).
+  ExpertDirectory(Fetch fetch, std::string uid_prefix, std::vector<std::int64_t> grid, ExpertDirectoryOptions options = {},
+                  bool signed_only = true)
+      : fetch_(std::move(fetch)),
+        prefix_(std::move(uid_prefix)),
+        grid_(std::move(grid)),
+        options_(std::move(options)),
+        signed_only_(signed_only) {
     HIVE_CHECK(fetch_, "an ExpertDirectory needs a fetch function");
     HIVE_CHECK(!prefix_.empty() && prefix_.find(uid_delimiter) == std::string::npos,
                "uid_prefix '{}' must be non-empty and contain no '{}'", prefix_, uid_delimiter);
@@ -320,7 +378,8 @@ class ExpertDirectory {
       for (auto& f : pending) out.push_back(f.get());
       return out;
     };
-    return std::make_shared<ExpertDirectory>(std::move(fetch), std::move(uid_prefix), std::move(grid), std::move(options));
+    return std::make_shared<ExpertDirectory>(std::move(fetch), std::move(uid_prefix), std::move(grid), std::move(options),
+                                             signs_records<typename BasicDHT<T, R>::node_type>);
   }
 
   /// The grid.
@@ -443,12 +502,17 @@ class ExpertDirectory {
     for (std::size_t i = 0; i < missing.size(); ++i) {
       Children kids;
       if (i < records.size() && records[i] && records[i]->is_dictionary()) {
+        // Several servers may declare the same coordinate, each in its own signed entry: the
+        // one that expires last wins.
+        std::map<std::int64_t, double> latest;
         for (const auto& [subkey, v] : records[i]->dictionary) {
-          const auto* c = std::get_if<std::int64_t>(&subkey);
-          if (!c || *c < 0 || *c >= grid_[d]) continue;
+          const auto c = expert_coordinate(subkey);
+          if (!c || (signed_only_ && c->first.empty()) || c->second >= grid_[d]) continue;
           const auto& entry = v.value;
           if (!entry.is_array() || entry.size() != 2 || !entry[0].is_string() || !entry[1].is_string()) continue;
-          kids.emplace(*c, std::make_pair(entry[0].get<std::string>(), entry[1].get<std::string>()));
+          if (auto it = latest.find(c->second); it != latest.end() && it->second >= v.expiration) continue;
+          latest[c->second] = v.expiration;
+          kids[c->second] = std::make_pair(entry[0].get<std::string>(), entry[1].get<std::string>());
         }
       }
       const auto ttl = kids.empty() ? options_.negative_cache_period() : options_.cache_period();
@@ -462,6 +526,7 @@ class ExpertDirectory {
   std::string prefix_;
   std::vector<std::int64_t> grid_;
   ExpertDirectoryOptions options_;
+  bool signed_only_ = true;
   mutable std::mutex mutex_;
   std::map<std::string, Cached> cache_;
   std::map<std::string, SteadyClock::time_point> banned_;

@@ -61,7 +61,9 @@ namespace detail {
 /// for a dictionary entry (0 would ask OpenDHT for a random id).
 inline std::uint64_t opendht_value_id(const std::optional<Subkey>& subkey) {
   if (!subkey) return 1;
-  const auto id = Id160::of(subkey_to_json(*subkey).dump());
+  // MessagePack, not JSON text: a string subkey need not be valid UTF-8.
+  const auto bytes = nlohmann::json::to_msgpack(subkey_to_json(*subkey));
+  const auto id = Id160::of(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
   std::uint64_t out = 0;
   for (int i = 0; i < 8; ++i) out = (out << 8) | id.bytes()[static_cast<std::size_t>(i)];
   return out | (std::uint64_t{1} << 63);

@@ -131,8 +131,13 @@ struct StorageOptions {
   /// replace a record, a far-future one would pin a key; a day is far beyond hivemind's uses
   /// (seconds to minutes) and leaves room for clock skew.
   HIVE_ARG(Seconds, max_expiration_ahead, Seconds(86400.0));
+  /// Most keys one remote source (the AddressSource key of its address) may hold, whether
+  /// the storage is full or not (0: no cap but the fair shares). A source at its cap stores a
+  /// new key only by giving up its own record that expires soonest, when that expires before
+  /// the new one; otherwise the store gets `storage_full`. Others are not affected.
+  HIVE_ARG(std::uint64_t, max_keys_per_source, 25000);
   HIVE_OPTIONS_JSON(StorageOptions, max_keys, max_value_bytes, max_subkeys, max_total_bytes,
-                    max_expiration_ahead)
+                    max_expiration_ahead, max_keys_per_source)
 };
 
 namespace detail {
@@ -177,7 +182,8 @@ inline std::size_t subkey_bytes(const Subkey& subkey) noexcept {
 /// first drops what expired by then; an ordered index of expirations makes that cost
 /// O(log n) per dropped record.
 ///
-/// Stores name their `source` (the remote peer's AddressSource key; empty for this peer).
+/// Stores name their `source` (the remote peer's AddressSource key; empty for this peer). A
+/// source holds at most max_keys_per_source keys.
 /// When the storage (or a dictionary) is full, a source that holds more than the newcomer's
 /// source gives way first, soonest-expiring record first, whatever its expirations: one
 /// source cannot pin the storage with far-future records and lock others out. Otherwise a
@@ -392,6 +398,20 @@ class Storage {
     const auto over = [](std::size_t have, std::size_t add, std::uint64_t limit) -> std::size_t {
       return have + add > limit ? static_cast<std::size_t>(have + add - limit) : 0;
     };
+    // A remote source at its cap pays with its own soonest-expiring record, or not at all.
+    if (const auto cap = options_.max_keys_per_source(); !source.empty() && cap > 0 && extra_keys > 0) {
+      const auto mine = shares_.find(std::string(source));
+      if (mine != shares_.end() && over(mine->second.keys, extra_keys, cap) > 0) {
+        std::optional<Id160> victim;
+        for (const auto& [when, key] : mine->second.records)
+          if (key != spare) {
+            if (when < expiration) victim = key;
+            break;
+          }
+        if (!victim) return false;
+        take(*victim);
+      }
+    }
     for (;;) {
       const bool keys_short = over(records_.size(), extra_keys, options_.max_keys()) > 0;
       const bool bytes_short = over(total_bytes_, extra_bytes, options_.max_total_bytes()) > 0;

@@ -14,15 +14,20 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <bit>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace hive::dht {
@@ -208,7 +213,10 @@ class SignatureValidator : public RecordValidator {
 
   /// The owner a record names: from its subkey, its raw key, or the key its wrapper carries
   /// (checked against the id). "" for an unowned record, nullopt for a malformed claim.
-  static std::optional<std::string> owner_of(const RecordView& r) {
+  static std::optional<std::string> owner_of(const RecordView& r) { return owner_of(r, unwrap(r.value)); }
+
+  /// owner_of(r), given the record's wrapper as unwrap(r.value) returned it.
+  static std::optional<std::string> owner_of(const RecordView& r, const std::optional<Signed>& wrapped) {
     std::string owner;
     auto take = [&](std::string_view text) -> bool {
       auto found = owner_in(text);
@@ -221,7 +229,7 @@ class SignatureValidator : public RecordValidator {
     if (r.subkey && std::holds_alternative<std::string>(*r.subkey) && !take(std::get<std::string>(*r.subkey))) return std::nullopt;
     if (!r.raw_key.empty()) {
       if (!take(r.raw_key)) return std::nullopt;
-    } else if (auto wrapped = unwrap(r.value); wrapped && wrapped->key) {
+    } else if (wrapped && wrapped->key) {
       if (Id160::of(*wrapped->key) != r.key || !take(*wrapped->key)) return std::nullopt;
     }
     return owner;
@@ -229,16 +237,21 @@ class SignatureValidator : public RecordValidator {
 
   /// An owned record is valid when its wrapper's signature is the owner's; an unowned one
   /// always (it may still be a wrapper, whose signature is then checked too).
+  /// A signature checked once is remembered (the last verified_cache_entries of them), so
+  /// the same record arriving from several replicas, or stored again, is checked once.
   [[nodiscard]] bool validate(const RecordView& r) const override {
-    const auto owner = owner_of(r);
+    const auto wrapped = unwrap(r.value);
+    const auto owner = owner_of(r, wrapped);
     if (!owner) return false;
-    auto wrapped = unwrap(r.value);
     if (owner->empty()) return true;
     if (!wrapped) return false;
     if (wrapped->key && Id160::of(*wrapped->key) != r.key) return false;
     const auto key = public_key_of(*owner);
-    return key && verify_signature(*key, signed_bytes(r.key, r.subkey, r.expiration, wrapped->value), wrapped->signature);
+    return key && verify_remembered(*key, signed_bytes(r.key, r.subkey, r.expiration, wrapped->value), wrapped->signature);
   }
+
+  /// How many verified signatures a validator remembers.
+  static constexpr std::size_t verified_cache_entries = 8192;
 
   /// Wraps and signs a record whose owner is this validator's identity; others unchanged.
   [[nodiscard]] Bytes sign(const RecordView& r) const override {
@@ -269,8 +282,63 @@ class SignatureValidator : public RecordValidator {
   static constexpr const char* wrapper_field = "hive.signed";
 
  private:
+  using Digest = std::array<std::uint8_t, 16>;
+  struct DigestHash {
+    std::size_t operator()(const Digest& d) const noexcept {
+      std::size_t h = 0;
+      std::memcpy(&h, d.data(), sizeof h);
+      return h;
+    }
+  };
+
+  // verify_signature, remembering successes by a digest of everything checked.
+  bool verify_remembered(const PublicKey& key, std::span<const std::uint8_t> message, const Signature& signature) const {
+    Digest digest{};
+    crypto_generichash_state state;
+    crypto_generichash_init(&state, nullptr, 0, digest.size());
+    crypto_generichash_update(&state, key.data(), key.size());
+    crypto_generichash_update(&state, signature.data(), signature.size());
+    crypto_generichash_update(&state, message.data(), message.size());
+    crypto_generichash_final(&state, digest.data(), digest.size());
+    {
+      std::lock_guard lock(verified_mutex_);
+      if (verified_.contains(digest)) return true;
+    }
+    if (!verify_signature(key, message, signature)) return false;
+    std::lock_guard lock(verified_mutex_);
+    if (verified_.insert(digest).second) {
+      verified_order_.push_back(digest);
+      if (verified_order_.size() > verified_cache_entries) {
+        verified_.erase(verified_order_.front());
+        verified_order_.pop_front();
+      }
+    }
+    return true;
+  }
+
   std::shared_ptr<const Identity> identity_;
+  mutable std::mutex verified_mutex_;
+  mutable std::unordered_set<Digest, DigestHash> verified_;
+  mutable std::deque<Digest> verified_order_;
 };
+
+/// Splits a subkey that starts with an owner marker ("[owner:<peer id>]rest", as hive's own
+/// signed records write them: group announcements, expert records) into (peer id, rest); a
+/// subkey without a marker in front gives ("", subkey). nullopt for a malformed marker, or a
+/// marker anywhere else.
+[[nodiscard]] inline std::optional<std::pair<std::string, std::string>> split_owned(std::string_view subkey) {
+  static constexpr std::string_view open = "[owner:";
+  if (!subkey.starts_with(open)) {
+    if (subkey.find(open) != std::string_view::npos) return std::nullopt;
+    return std::pair{std::string(), std::string(subkey)};
+  }
+  const auto close = subkey.find(']');
+  if (close == std::string_view::npos) return std::nullopt;
+  const auto peer = subkey.substr(open.size(), close - open.size());
+  const auto rest = subkey.substr(close + 1);
+  if (!public_key_of(peer) || rest.find(open) != std::string_view::npos) return std::nullopt;
+  return std::pair{std::string(peer), std::string(rest)};
+}
 
 /// The JSON types a SchemaValidator field may require.
 enum class ValueType { any, null, boolean, integer, number, string, binary, array, object };

@@ -57,7 +57,8 @@ struct TensorSchema {
   /// Reads {"dtype", "shape"}; throws hive::InvalidArgument on an unknown dtype.
   friend void from_json(const nlohmann::json& j, TensorSchema& s) {
     auto dtype = hive::detail::dtype_from_name(j.at("dtype").get<std::string>());
-    HIVE_CHECK(dtype.has_value(), "unknown dtype {}", j.at("dtype").dump());
+    // A peer sent it: replace invalid UTF-8 in the message rather than throw while reporting it.
+    HIVE_CHECK(dtype.has_value(), "unknown dtype {}", j.at("dtype").dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     s.dtype = *dtype;
     s.shape = j.at("shape").get<std::vector<std::int64_t>>();
   }

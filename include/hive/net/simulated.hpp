@@ -300,6 +300,8 @@ struct SimLink {
   std::string host[2];        // host of side 0 (the connecting side) and side 1
   std::string address[2];     // "host:port" as each side is seen by the other
   std::deque<Buffer> inbox[2];  // frames waiting to be read by side i
+  // Frames on their way to side i, in delivery order (their times strictly increase).
+  std::deque<std::pair<SteadyClock::time_point, Buffer>> in_flight[2];
   hive::detail::Notifier readable[2];
   SteadyClock::time_point last_delivery[2]{};
   bool closed = false;
@@ -330,16 +332,28 @@ inline void SimNetwork::close_links_of(const std::string& host) {
 
 inline void SimNetwork::deliver(const std::shared_ptr<detail::SimLink>& link, int to, Buffer bytes,
                                 SteadyClock::time_point at) {
+  // One timer per frame, but each delivers every frame that is due, oldest first: timers due
+  // at once may run in any order (with several io threads, their handlers race into the
+  // strand), and frames on one connection arrive in order, as on TCP.
+  link->in_flight[to].emplace_back(at, std::move(bytes));
   auto timer = std::make_shared<asio::steady_timer>(strand_, at);
-  timer->async_wait([timer, link, to, bytes = std::move(bytes), net = shared_from_this()](std::error_code) mutable {
-    if (link->closed) return;
-    if (!net->reachable(link->host[0], link->host[1])) {
-      net->stats_.frames_partitioned++;
-      return;
+  timer->async_wait([timer, link, to, net = shared_from_this()](std::error_code) {
+    auto& queue = link->in_flight[to];
+    const auto now = SteadyClock::now();
+    bool delivered = false;
+    while (!queue.empty() && queue.front().first <= now) {
+      Buffer bytes = std::move(queue.front().second);
+      queue.pop_front();
+      if (link->closed) continue;
+      if (!net->reachable(link->host[0], link->host[1])) {
+        net->stats_.frames_partitioned++;
+        continue;
+      }
+      net->stats_.frames_delivered++;
+      link->inbox[to].push_back(std::move(bytes));
+      delivered = true;
     }
-    net->stats_.frames_delivered++;
-    link->inbox[to].push_back(std::move(bytes));
-    link->readable[to].notify_all();
+    if (delivered) link->readable[to].notify_all();
   });
 }
 

@@ -150,7 +150,11 @@ class CollaborativeOptimizer {
         .client_mode(options_.client_mode() || dht.options().client_mode())
         .auxiliary(options_.auxiliary());
     auto grad_options = base;
-    grad_options.compression(options_.grad_compression());
+    // A gradient round is weighted by the samples of one epoch: a peer's rarely exceed the
+    // swarm's target, so the bound on the weight others may claim grows with the target.
+    grad_options.compression(options_.grad_compression())
+        .max_weight(std::max(base.max_weight(), 4.0 * static_cast<double>(options_.target_batch_size())));
+    grad_max_weight_ = grad_options.max_weight();
     if (options_.power_sgd_rank() > 0)
       powersgd_ = std::make_unique<averaging::PowerSGDAverager<T, R, A>>(
           dht, grads_, grad_options.prefix(run + "_powersgd_grad_averager"),
@@ -430,7 +434,12 @@ class CollaborativeOptimizer {
     if (round_alone_) {
       r.error = "no other peer is training";
     } else {
-      r = average_gradients(round_weight_, round_epoch_);
+      // Past the bound (a peer far ahead of a slow swarm), it counts as the bound: every member
+      // would refuse more.
+      if (round_weight_ > grad_max_weight_)
+        log::warn("collaborative", "this peer's {} samples of epoch {} count as {} (the averager's max_weight)",
+                  round_weight_, round_epoch_, grad_max_weight_);
+      r = average_gradients(std::min(round_weight_, grad_max_weight_), round_epoch_);
     }
     std::lock_guard lock(mutex_);
     ++stats_.grad_rounds;
@@ -664,6 +673,7 @@ class CollaborativeOptimizer {
   std::int64_t applied_epoch_ = 0;  // the epoch whose step the parameters hold
   averaging::StepResult last_round_;
   double round_weight_ = 0;
+  double grad_max_weight_ = 0;  // the gradient averager's max_weight
   bool round_alone_ = false;
   SteadyClock::time_point round_started_{};
   double round_started_wall_ = 0;
