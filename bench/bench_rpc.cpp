@@ -6,6 +6,8 @@
 // Latency: N sequential echo calls carrying a B-byte blob (default 4 KiB); p50 and p99 in µs.
 // Bulk: R one-way sends of an M MiB float32 tensor (default 64 MiB), encoded and decoded by the
 // tensor codec, each acknowledged by a tiny reply; throughput in Gbit/s.
+// Both are measured on plaintext connections (RpcOptions::encrypt off) and on encrypted ones
+// (the default; the cipher both sides prefer, docs/protocol.md "Encryption").
 // The last line is one JSON object.
 
 #include "common/transfer.hpp"
@@ -117,12 +119,13 @@ struct RpcResult {
   double bulk_seconds = 0;
 };
 
-RpcResult run_rpc(const Args& a) {
+RpcResult run_rpc(const Args& a, bool encrypt) {
   RpcResult r;
   hive::net::Runtime server_rt(1), client_rt(1);
   using Rpc = hive::net::Rpc<hive::net::Tcp>;
-  auto server = Rpc::create(server_rt.executor());
-  auto client = Rpc::create(client_rt.executor());
+  const auto options = hive::net::RpcOptions().encrypt(encrypt);
+  auto server = Rpc::create(server_rt.executor(), {}, options);
+  auto client = Rpc::create(client_rt.executor(), {}, options);
   server->add_handler("echo", [](hive::net::CallContext, hive::Message m) -> asio::awaitable<hive::Message> {
     co_return m;
   });
@@ -168,18 +171,25 @@ int main(int argc, char** argv) {
              a.payload_bytes, a.bulk_rounds, a.bulk_mib);
   // Warm-up runs so that page faults and connection set-up do not skew the first figures.
   run_raw(Args{200, a.payload_bytes, a.bulk_mib, 1});
-  run_rpc(Args{200, a.payload_bytes, a.bulk_mib, 1});
+  run_rpc(Args{200, a.payload_bytes, a.bulk_mib, 1}, false);
+  run_rpc(Args{200, a.payload_bytes, a.bulk_mib, 1}, true);
   const auto raw = run_raw(a);
-  const auto rpc = run_rpc(a);
+  const auto rpc = run_rpc(a, false);
+  const auto sealed = run_rpc(a, true);
+  const std::string cipher = hive::net::local_ciphers().front();
   const double bulk_bits = 8.0 * static_cast<double>(std::size_t(a.bulk_mib) << 20) * a.bulk_rounds;
   const double raw_gbps = bulk_bits / raw.bulk_seconds / 1e9;
   const double rpc_gbps = bulk_bits / rpc.bulk_seconds / 1e9;
   const double p50 = percentile(rpc.rtt_us, 0.5), p99 = percentile(rpc.rtt_us, 0.99);
   const double raw_p50 = percentile(raw.rtt_us, 0.5), raw_p99 = percentile(raw.rtt_us, 0.99);
+  const double enc_gbps = bulk_bits / sealed.bulk_seconds / 1e9;
+  const double enc_p50 = percentile(sealed.rtt_us, 0.5), enc_p99 = percentile(sealed.rtt_us, 0.99);
   fmt::print("echo {} B   hive p50 {:.1f} us  p99 {:.1f} us | bare socket p50 {:.1f} us  p99 {:.1f} us | ratio {:.2f}\n",
              a.payload_bytes, p50, p99, raw_p50, raw_p99, p50 / raw_p50);
   fmt::print("bulk {} MiB hive {:.2f} Gbit/s | bare socket {:.2f} Gbit/s | ratio {:.2f}\n", a.bulk_mib, rpc_gbps,
              raw_gbps, rpc_gbps / raw_gbps);
+  fmt::print("encrypted ({}): echo p50 {:.1f} us  p99 {:.1f} us | bulk {:.2f} Gbit/s, ratio to bare socket {:.2f}\n", cipher,
+             enc_p50, enc_p99, enc_gbps, enc_gbps / raw_gbps);
   nlohmann::json out = {{"bench", "rpc"},           {"calls", a.calls},
                         {"payload_bytes", a.payload_bytes},
                         {"p50_us", p50},            {"p99_us", p99},
@@ -187,6 +197,10 @@ int main(int argc, char** argv) {
                         {"p50_vs_raw", p50 / raw_p50},
                         {"bulk_mib", a.bulk_mib},   {"bulk_rounds", a.bulk_rounds},
                         {"bulk_gbps", rpc_gbps},    {"raw_gbps", raw_gbps},
-                        {"bulk_vs_raw", rpc_gbps / raw_gbps}};
+                        {"bulk_vs_raw", rpc_gbps / raw_gbps},
+                        {"cipher", cipher},         {"p50_us_encrypted", enc_p50},
+                        {"p99_us_encrypted", enc_p99},
+                        {"bulk_gbps_encrypted", enc_gbps},
+                        {"bulk_vs_raw_encrypted", enc_gbps / raw_gbps}};
   fmt::print("{}\n", out.dump());
 }

@@ -73,7 +73,9 @@ void frames(fuzz::Input& in) {
       }
       // What a parsed hello re-encodes to parses to the same hello.
       const Hello again = parse_hello(decode_frame(owned_copy(wire(hello_frame(h, caller))), Limits{}), caller);
-      HIVE_FUZZ_EXPECT(again.key == h.key && again.nonce == h.nonce && again.signature == h.signature, "a hello changed in a round trip");
+      HIVE_FUZZ_EXPECT(again.key == h.key && again.nonce == h.nonce && again.signature == h.signature && again.kx == h.kx &&
+                           again.ciphers == h.ciphers,
+                       "a hello changed in a round trip");
     } catch (const Error& e) {
       HIVE_FUZZ_EXPECT(&e.code().category() == &error_category(), "parse_hello threw outside hive's errors: {}", e.what());
     }
@@ -120,6 +122,10 @@ std::vector<fuzz::Seed> seeds() {
   const Hello caller{callee().public_key(), Nonce{}, {}};
   auto bytes = [](const Frame& f) { return wire(f); };
   out.push_back({"hello", fuzz::join({std::vector<std::uint8_t>{0}, bytes(hello_frame(caller, true))})});
+  Hello offering = caller;
+  offering.kx = KxKey{};
+  offering.ciphers = {"aes256gcm", "chacha20poly1305"};
+  out.push_back({"hello_offer", fuzz::join({std::vector<std::uint8_t>{0}, bytes(hello_frame(offering, true))})});
   Hello answer = caller;
   answer.signature = callee().sign(handshake_transcript('S', caller.key, caller.nonce, caller.key, caller.nonce));
   out.push_back({"answer", fuzz::join({std::vector<std::uint8_t>{0}, bytes(hello_frame(answer, false))})});

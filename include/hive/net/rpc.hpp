@@ -77,11 +77,17 @@ struct RpcOptions {
   /// Longest time a new incoming connection may take to complete the handshake (prove its
   /// identity) before it is closed.
   HIVE_ARG(Seconds, handshake_timeout, Seconds(10));
+  /// Offer to encrypt connections (docs/security.md, "Encryption"): a connection is encrypted
+  /// when both sides offer it and the transport can (net::Tcp can, net::Simulated cannot).
+  HIVE_ARG(bool, encrypt, true);
+  /// Refuse a connection that would not be encrypted, with an error that says so (needs
+  /// encrypt and a transport that can encrypt).
+  HIVE_ARG(bool, require_encryption, false);
   HIVE_OPTIONS_JSON(RpcOptions, request_timeout, connect_timeout, reply_timeout, max_concurrent_requests,
                     max_outgoing_connections, max_incoming_connections, max_connections_per_source,
                     limit_loopback, idle_timeout, accept_backoff_max, relay, max_relay_reservations,
                     max_relayed_calls, relay_reservation_ttl, dial_back_timeout, max_dial_backs, identity_path,
-                    handshake_timeout)
+                    handshake_timeout, encrypt, require_encryption)
 };
 
 /// What a handler knows about the call it serves.
@@ -227,7 +233,12 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       : transport_(executor, std::move(transport_options)),
         options_(std::move(options)),
         identity_(std::move(identity)),
-        peer_id_(identity_.peer_id()) {}
+        peer_id_(identity_.peer_id()) {
+    HIVE_CHECK(!options_.require_encryption() || options_.encrypt(),
+               "RpcOptions::require_encryption needs RpcOptions::encrypt (otherwise every connection is refused)");
+    HIVE_CHECK(!options_.require_encryption() || EncryptingConnection<typename T::connection_type>,
+               "RpcOptions::require_encryption needs a transport whose connections encrypt (net::Tcp's do, this one's do not)");
+  }
 
   /// The strand every operation of this peer runs on.
   [[nodiscard]] executor_type get_executor() const noexcept { return transport_.get_executor(); }
@@ -448,6 +459,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
  private:
   using Connection = typename T::connection_type;
 
+  EncryptionPolicy encryption_policy() const noexcept { return {options_.encrypt(), options_.require_encryption()}; }
+
   /// One connection with its pending calls and write queue.
   struct Session : std::enable_shared_from_this<Session> {
     std::shared_ptr<Connection> conn;
@@ -609,7 +622,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   // An incoming connection: the caller proves its identity first, then its calls are served.
   static asio::awaitable<void> serve_connection(std::shared_ptr<Rpc> self, std::shared_ptr<Session> session) {
     try {
-      auto op = server_handshake(session->conn, self->identity_, deadline_after(self->options_.handshake_timeout()));
+      auto op = server_handshake(session->conn, self->identity_, deadline_after(self->options_.handshake_timeout()),
+                                 self->encryption_policy());
       session->peer = co_await std::move(op);
       session->last_activity = SteadyClock::now();
     } catch (const std::exception& e) {
@@ -866,7 +880,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       const auto deadline = deadline_after(options_.dial_back_timeout());
       conn = co_await transport_.connect(address, deadline);
       // The handshake proves who answers there; nothing else is asked.
-      auto op = client_handshake(conn, identity_, deadline);
+      auto op = client_handshake(conn, identity_, deadline, encryption_policy());
       const auto answered = co_await std::move(op);
       if (answered == peer)
         reply["reachable"] = true;
@@ -1014,7 +1028,7 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
         conn->close();
         throw Error(errc::shutdown, "rpc peer is closed");
       }
-      auto handshake = client_handshake(conn, identity_, connect_deadline);
+      auto handshake = client_handshake(conn, identity_, connect_deadline, encryption_policy());
       std::string peer;
       try {
         peer = co_await std::move(handshake);

@@ -1,8 +1,10 @@
 #pragma once
 /// @file
-/// net::Tcp: the transport over real TCP sockets (IPv4 and IPv6) on standalone Asio.
+/// net::Tcp: the transport over real TCP sockets (IPv4 and IPv6) on standalone Asio, with
+/// optional encryption of each connection after its handshake (docs/protocol.md, "Encryption").
 
 #include <hive/core/log.hpp>
+#include <hive/net/handshake.hpp>
 #include <hive/net/transport.hpp>
 
 #include <asio/connect.hpp>
@@ -13,6 +15,7 @@
 #include <asio/write.hpp>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,10 +45,87 @@ struct TcpOptions {
                     min_receive_rate, preallocate_bytes)
 };
 
+/// Most plaintext bytes in one sealed record of an encrypted connection.
+inline constexpr std::size_t max_record_plaintext = 65536;
+/// Bytes a sealed record adds to its plaintext: a 4-byte length and a 16-byte tag.
+inline constexpr std::size_t record_overhead = 4 + 16;
+
+namespace detail {
+
+// One direction of an encrypted connection: its key (for AES-256-GCM, expanded once) and its
+// record counter, which is the nonce. Wiped when destroyed.
+class RecordCipher {
+ public:
+  RecordCipher(Cipher cipher, const std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES>& key) : cipher_(cipher) {
+    static_assert(crypto_aead_aes256gcm_KEYBYTES == crypto_kx_SESSIONKEYBYTES &&
+                  crypto_aead_chacha20poly1305_ietf_KEYBYTES == crypto_kx_SESSIONKEYBYTES);
+    static_assert(crypto_aead_aes256gcm_NPUBBYTES == 12 && crypto_aead_chacha20poly1305_ietf_NPUBBYTES == 12);
+    static_assert(crypto_aead_aes256gcm_ABYTES == 16 && crypto_aead_chacha20poly1305_ietf_ABYTES == 16);
+    if (cipher_ == Cipher::aes256gcm) {
+      aes_ = std::make_unique<crypto_aead_aes256gcm_state>();
+      crypto_aead_aes256gcm_beforenm(aes_.get(), key.data());
+    } else {
+      key_ = key;
+    }
+  }
+  RecordCipher(const RecordCipher&) = delete;
+  RecordCipher& operator=(const RecordCipher&) = delete;
+  ~RecordCipher() {
+    sodium_memzero(key_.data(), key_.size());
+    if (aes_) sodium_memzero(aes_.get(), sizeof *aes_);
+  }
+
+  // Writes the record of the `len` bytes at `plain` (1..max_record_plaintext) at `out`:
+  // length, ciphertext, tag (len + record_overhead bytes).
+  void seal(const std::byte* plain, std::size_t len, std::byte* out) {
+    const auto nonce = next_nonce();
+    auto* o = reinterpret_cast<unsigned char*>(out);
+    o[0] = static_cast<unsigned char>(len >> 24);
+    o[1] = static_cast<unsigned char>(len >> 16);
+    o[2] = static_cast<unsigned char>(len >> 8);
+    o[3] = static_cast<unsigned char>(len);
+    const auto* m = reinterpret_cast<const unsigned char*>(plain);
+    if (aes_)
+      crypto_aead_aes256gcm_encrypt_afternm(o + 4, nullptr, m, len, o, 4, nullptr, nonce.data(), aes_.get());
+    else
+      crypto_aead_chacha20poly1305_ietf_encrypt(o + 4, nullptr, m, len, o, 4, nullptr, nonce.data(), key_.data());
+  }
+
+  // Opens the record at `in` whose length field says `len` into `plain`; false when its tag
+  // does not verify (then `plain` holds garbage).
+  bool open(const std::byte* in, std::size_t len, std::byte* plain) {
+    const auto nonce = next_nonce();
+    const auto* c = reinterpret_cast<const unsigned char*>(in);
+    auto* m = reinterpret_cast<unsigned char*>(plain);
+    if (aes_)
+      return crypto_aead_aes256gcm_decrypt_afternm(m, nullptr, nullptr, c + 4, len + 16, c, 4, nonce.data(), aes_.get()) == 0;
+    return crypto_aead_chacha20poly1305_ietf_decrypt(m, nullptr, nullptr, c + 4, len + 16, c, 4, nonce.data(), key_.data()) == 0;
+  }
+
+ private:
+  // The record counter, little-endian, zero-padded to 12 bytes.
+  std::array<unsigned char, 12> next_nonce() {
+    if (counter_ == ~std::uint64_t{0}) throw Error(errc::connection_closed, "an encrypted connection ran out of record numbers");
+    std::array<unsigned char, 12> nonce{};
+    for (int i = 0; i < 8; ++i) nonce[i] = static_cast<unsigned char>(counter_ >> (8 * i));
+    ++counter_;
+    return nonce;
+  }
+
+  Cipher cipher_;
+  std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES> key_{};
+  std::unique_ptr<crypto_aead_aes256gcm_state> aes_;
+  std::uint64_t counter_ = 0;
+};
+
+}  // namespace detail
 
 /// The TCP transport: frames over persistent TCP connections (TCP_NODELAY), with a read-ahead
 /// buffer so that small frames cost one system call and large payloads are read straight into
 /// their final buffer. Send buffers are written with scatter-gather I/O, without copying blobs.
+/// After start_encryption (which the handshake calls when both sides offer it), a connection
+/// carries sealed records instead (docs/protocol.md, "Encryption"): one copy per direction,
+/// sealed in batches of up to 1 MiB, opened straight into a frame's body where it fits.
 ///
 /// @par Thread safety
 /// All operations must run on get_executor() (the RPC layer does so).
@@ -81,22 +161,24 @@ class Tcp {
 
     /// Reads and decodes the next frame. Waiting for a frame to start has no time limit (the
     /// RPC layer closes idle connections); once it started it must end within frame_timeout
-    /// plus its size at min_receive_rate, or this throws hive::Error(errc::timeout).
+    /// plus its size at min_receive_rate, or this throws hive::Error(errc::timeout). On an
+    /// encrypted connection a record that is malformed or fails authentication throws a fatal
+    /// FrameError.
     asio::awaitable<Frame> read_frame() {
-      co_await fill(1);
+      co_await wait_first_byte();
       arm_watchdog(prefix_bytes);
       try {
         co_await fill(prefix_bytes);
-        const auto prefix = parse_prefix(std::span<const std::byte, prefix_bytes>(rbuf_.data() + begin_, prefix_bytes), limits_);
-        begin_ += prefix_bytes;
+        const auto prefix = parse_prefix(std::span<const std::byte, prefix_bytes>(head(), prefix_bytes), limits_);
+        consume(prefix_bytes);
         const std::uint64_t rest = prefix.rest_bytes();
         arm_watchdog(prefix.frame_bytes);
-        const std::size_t have = std::min<std::uint64_t>(rest, end_ - begin_);
+        const std::size_t have = std::min<std::uint64_t>(rest, available());
         // Small bodies get their final buffer at once; a large one grows as its bytes arrive.
         std::uint64_t capacity = rest <= preallocate_ ? rest : std::max<std::uint64_t>(preallocate_, have);
         auto storage = std::make_shared_for_overwrite<std::byte[]>(std::max<std::uint64_t>(capacity, 1));
-        std::memcpy(storage.get(), rbuf_.data() + begin_, have);
-        begin_ += have;
+        if (have > 0) std::memcpy(storage.get(), head(), have);
+        consume(have);
         std::uint64_t got = have;
         while (got < rest) {
           if (got == capacity) {
@@ -106,7 +188,8 @@ class Tcp {
             storage = std::move(bigger);
             capacity = grown;
           }
-          got += co_await socket_.async_read_some(asio::buffer(storage.get() + got, capacity - got), asio::use_awaitable);
+          const std::size_t n = co_await read_some(storage.get() + got, capacity - got);
+          got += n;
         }
         disarm_watchdog();
         const std::byte* data = storage.get();
@@ -118,8 +201,13 @@ class Tcp {
       }
     }
 
-    /// Writes one encoded frame with a single gathered write.
+    /// Writes one encoded frame: with a single gathered write, or on an encrypted connection
+    /// as sealed records in writes of up to 1 MiB.
     asio::awaitable<void> write_frame(const EncodedFrame& f) {
+      if (encrypted_) {
+        co_await write_sealed(f);
+        co_return;
+      }
       std::vector<asio::const_buffer> bufs;
       bufs.reserve(1 + 2 * f.blobs.size());
       bufs.emplace_back(f.head.data(), f.head.size());
@@ -130,11 +218,30 @@ class Tcp {
       co_await asio::async_write(socket_, bufs, asio::use_awaitable);
     }
 
-    /// Closes the socket, failing any read or write in flight.
+    /// Switches both directions to sealed records under `keys` (docs/protocol.md,
+    /// "Encryption"): every byte written from now on is sealed, and every byte read after the
+    /// frames already returned is opened, including bytes already in the read-ahead buffer.
+    /// Called by the handshake, between frames.
+    void start_encryption(const SessionKeys& keys) {
+      seal_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.tx);
+      open_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.rx);
+      encrypted_ = true;
+      // The read-ahead buffer now holds ciphertext and must take a whole record.
+      if (rbuf_.size() < max_record_plaintext + record_overhead) rbuf_.resize(max_record_plaintext + record_overhead);
+      pbuf_.resize(max_record_plaintext + prefix_bytes);
+      pbegin_ = pend_ = 0;
+    }
+
+    /// True once the connection is encrypted (start_encryption ran).
+    [[nodiscard]] bool encrypted() const noexcept { return encrypted_; }
+
+    /// Closes the socket, failing any read or write in flight, and wipes the session keys.
     void close() noexcept {
       std::error_code ec;
       socket_.shutdown(asio::socket_base::shutdown_both, ec);
       socket_.close(ec);
+      seal_.reset();
+      open_.reset();
     }
 
     /// The remote endpoint as "host:port".
@@ -165,7 +272,136 @@ class Tcp {
       watchdog_.cancel();
     }
 
+    // The plaintext read ahead: frame bytes not yet consumed (decrypted ones when encrypted).
+    std::byte* head() noexcept { return encrypted_ ? pbuf_.data() + pbegin_ : rbuf_.data() + begin_; }
+    [[nodiscard]] std::size_t available() const noexcept { return encrypted_ ? pend_ - pbegin_ : end_ - begin_; }
+    void consume(std::size_t n) noexcept { (encrypted_ ? pbegin_ : begin_) += n; }
+
+    // Returns once a frame has started to arrive (a byte of it, or of its record, is here).
+    asio::awaitable<void> wait_first_byte() {
+      if (available() > 0) co_return;
+      co_await fill_raw(1);
+    }
+
+    // Ensures `n` plaintext bytes (n <= prefix_bytes when encrypted) are read ahead at head().
     asio::awaitable<void> fill(std::size_t n) {
+      if (!encrypted_) {
+        co_await fill_raw(n);
+        co_return;
+      }
+      while (pend_ - pbegin_ < n) {
+        if (pbegin_ > 0) {
+          std::memmove(pbuf_.data(), pbuf_.data() + pbegin_, pend_ - pbegin_);
+          pend_ -= pbegin_;
+          pbegin_ = 0;
+        }
+        const std::size_t len = co_await next_record();
+        open_record(pbuf_.data() + pend_, len);
+        pend_ += len;
+      }
+    }
+
+    // Reads up to `max` (> 0) body bytes into `dst`; returns how many.
+    asio::awaitable<std::size_t> read_some(std::byte* dst, std::size_t max) {
+      if (!encrypted_) {
+        const std::size_t n = co_await socket_.async_read_some(asio::buffer(dst, max), asio::use_awaitable);
+        co_return n;
+      }
+      if (pend_ > pbegin_) {
+        const std::size_t n = std::min(max, pend_ - pbegin_);
+        std::memcpy(dst, pbuf_.data() + pbegin_, n);
+        pbegin_ += n;
+        co_return n;
+      }
+      pbegin_ = pend_ = 0;
+      const std::size_t len = co_await next_record();
+      if (len <= max) {
+        open_record(dst, len);  // straight into the frame's body
+        co_return len;
+      }
+      // The record runs past this buffer: open it aside and hand over what fits.
+      open_record(pbuf_.data(), len);
+      std::memcpy(dst, pbuf_.data(), max);
+      pbegin_ = max;
+      pend_ = len;
+      co_return max;
+    }
+
+    // Waits until a whole sealed record is read ahead; returns its plaintext length.
+    asio::awaitable<std::size_t> next_record() {
+      co_await fill_raw(4);
+      const auto* p = reinterpret_cast<const unsigned char*>(rbuf_.data() + begin_);
+      const std::size_t len = (std::size_t{p[0]} << 24) | (std::size_t{p[1]} << 16) | (std::size_t{p[2]} << 8) | p[3];
+      if (len == 0 || len > max_record_plaintext)
+        throw FrameError(errc::bad_frame,
+                         fmt::format("{}: a sealed record of {} bytes (1 to {} allowed)", remote_, len, max_record_plaintext), 0, true);
+      co_await fill_raw(len + record_overhead);
+      co_return len;
+    }
+
+    // Opens the record read ahead (next_record said `len`) into `dst` and consumes it.
+    void open_record(std::byte* dst, std::size_t len) {
+      if (!open_) throw Error(errc::connection_closed, fmt::format("{}: the connection is closed", remote_));
+      if (!open_->open(rbuf_.data() + begin_, len, dst))
+        throw FrameError(errc::bad_frame,
+                         fmt::format("{}: a sealed record failed authentication (altered on the way, or not from the peer)", remote_),
+                         0, true);
+      begin_ += len + record_overhead;
+    }
+
+    // Seals the frame's bytes as records of up to max_record_plaintext bytes, small pieces
+    // (head, padding, short blobs) gathered into one record, and writes them in batches.
+    asio::awaitable<void> write_sealed(const EncodedFrame& f) {
+      const std::uint64_t total = f.size();
+      const std::uint64_t records = (total + max_record_plaintext - 1) / max_record_plaintext;
+      const std::size_t batch = std::min<std::uint64_t>(total + records * record_overhead, write_batch_bytes);
+      auto out = std::make_unique_for_overwrite<std::byte[]>(batch);
+      auto gather = std::make_unique_for_overwrite<std::byte[]>(std::min<std::uint64_t>(total, max_record_plaintext));
+      std::size_t used = 0, pending = 0;
+      std::uint64_t unsealed = total;
+      std::vector<std::span<const std::byte>> pieces;
+      pieces.reserve(1 + 2 * f.blobs.size());
+      pieces.emplace_back(f.head.data(), f.head.size());
+      for (std::size_t i = 0; i < f.blobs.size(); ++i) {
+        pieces.emplace_back(f.blobs[i].data(), f.blobs[i].size());
+        pieces.emplace_back(detail::zero_padding.data(), f.padding[i]);
+      }
+      for (const auto& piece : pieces) {
+        const std::byte* p = piece.data();
+        std::size_t n = piece.size();
+        while (n > 0) {
+          if (!seal_) throw Error(errc::connection_closed, fmt::format("{}: the connection is closed", remote_));
+          if (pending == 0 && n >= max_record_plaintext) {
+            seal_->seal(p, max_record_plaintext, out.get() + used);  // straight from the blob
+            used += max_record_plaintext + record_overhead;
+            unsealed -= max_record_plaintext;
+            p += max_record_plaintext;
+            n -= max_record_plaintext;
+          } else {
+            const std::size_t take = std::min(n, max_record_plaintext - pending);
+            std::memcpy(gather.get() + pending, p, take);
+            pending += take;
+            p += take;
+            n -= take;
+            if (pending == max_record_plaintext || pending == unsealed) {
+              seal_->seal(gather.get(), pending, out.get() + used);
+              used += pending + record_overhead;
+              unsealed -= pending;
+              pending = 0;
+            }
+          }
+          // Write the batch when the next record might not fit behind it.
+          if (used > 0 && batch - used < std::min<std::uint64_t>(unsealed, max_record_plaintext) + record_overhead) {
+            co_await asio::async_write(socket_, asio::buffer(out.get(), used), asio::use_awaitable);
+            used = 0;
+          }
+        }
+      }
+      if (used > 0) co_await asio::async_write(socket_, asio::buffer(out.get(), used), asio::use_awaitable);
+    }
+
+    // Ensures `n` raw bytes (n <= rbuf_.size()) are read ahead at begin_.
+    asio::awaitable<void> fill_raw(std::size_t n) {
       if (end_ - begin_ >= n) co_return;
       if (begin_ > 0) {
         std::memmove(rbuf_.data(), rbuf_.data() + begin_, end_ - begin_);
@@ -188,6 +424,12 @@ class Tcp {
     std::uint64_t watchdog_generation_ = 0;
     bool timed_out_ = false;
     bool receiving_ = false;
+    // Encryption (start_encryption): one cipher per direction, reset (wiped) by close().
+    static constexpr std::size_t write_batch_bytes = std::size_t{1} << 20;
+    bool encrypted_ = false;
+    std::unique_ptr<detail::RecordCipher> seal_, open_;
+    std::vector<std::byte> pbuf_;  // opened plaintext read ahead
+    std::size_t pbegin_ = 0, pend_ = 0;
   };
   /// The connection type (net::Connection).
   using connection_type = Connection;
