@@ -259,7 +259,7 @@ void fuzz_part(fuzz::Input& in) {
     }
     Served* out = record.get();
     served.push_back(std::move(record));
-    record->caller = ctx.peer;
+    out->caller = ctx.peer;
     auto op = runner->serve(std::move(ctx), std::move(m), s);
     asio::co_spawn(red.context, std::move(op), [out](std::exception_ptr e, Message reply) {
       out->done = true;
