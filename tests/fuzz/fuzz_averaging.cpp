@@ -60,19 +60,8 @@ void check_member(const Member& m) {
 
 // ---- matchmaking ----------------------------------------------------------------------------
 
-// Fixed peer ids (hive::Identity) for the members of fuzzed groups.
-const std::string& peer_id(std::size_t i) {
-  static const std::vector<std::string> ids = [] {
-    std::vector<std::string> out;
-    for (std::uint8_t k = 0; k < 6; ++k) {
-      std::array<std::uint8_t, 32> seed{};
-      seed[0] = static_cast<std::uint8_t>(k + 1);
-      out.push_back(Identity::from_seed(seed).peer_id());
-    }
-    return out;
-  }();
-  return ids.at(i);
-}
+// Fixed peer ids (hive::Identity) for the members of fuzzed groups (0..5).
+std::string peer_id(std::size_t i) { return fuzz::fixed_identity(static_cast<std::uint8_t>(i + 1)).peer_id(); }
 
 void fuzz_join_request(fuzz::Input& in) {
   auto h = msgpack_of(in.rest());

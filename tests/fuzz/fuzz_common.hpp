@@ -3,9 +3,11 @@
 // check that aborts with a message (libFuzzer then saves the input), and the seed generator mode
 // (HIVE_FUZZ_WRITE_SEEDS=<dir> makes a target write its seeds there and exit).
 
+#include <hive/core/identity.hpp>
 #include <hive/core/log.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -99,6 +101,20 @@ std::vector<std::uint8_t> le(T v) {
   std::vector<std::uint8_t> out(sizeof v);
   std::memcpy(out.data(), &v, sizeof v);
   return out;
+}
+
+/// A fixed identity (its seed is `n` followed by zeros), the same in every run, so that inputs
+/// that carry its id or signatures stay meaningful across runs. Made once per `n`.
+inline const Identity& fixed_identity(std::uint8_t n) {
+  static const std::array<Identity, 8> ids = [] {
+    auto make = [](std::uint8_t k) {
+      std::array<std::uint8_t, 32> seed{};
+      seed[0] = k;
+      return Identity::from_seed(seed);
+    };
+    return std::array<Identity, 8>{make(0), make(1), make(2), make(3), make(4), make(5), make(6), make(7)};
+  }();
+  return ids.at(n);
 }
 
 /// Called from LLVMFuzzerInitialize: quiets the library's log unless HIVE_LOG_LEVEL asks for

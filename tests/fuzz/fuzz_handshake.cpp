@@ -23,14 +23,7 @@ namespace {
 using namespace hive;
 using namespace hive::net;
 
-const Identity& callee() {
-  static const Identity id = [] {
-    std::array<std::uint8_t, 32> seed{};
-    seed[0] = 7;
-    return Identity::from_seed(seed);
-  }();
-  return id;
-}
+const Identity& callee() { return fuzz::fixed_identity(7); }
 
 Buffer owned_copy(std::span<const std::uint8_t> bytes) {
   auto storage = std::make_shared_for_overwrite<std::byte[]>(std::max<std::size_t>(bytes.size(), 1));

@@ -24,22 +24,8 @@ namespace {
 using namespace hive;
 using namespace hive::dht;
 
-const Identity& owner() {
-  static const Identity id = [] {
-    std::array<std::uint8_t, 32> seed{};
-    seed[0] = 1;
-    return Identity::from_seed(seed);
-  }();
-  return id;
-}
-const Identity& other() {
-  static const Identity id = [] {
-    std::array<std::uint8_t, 32> seed{};
-    seed[0] = 2;
-    return Identity::from_seed(seed);
-  }();
-  return id;
-}
+const Identity& owner() { return fuzz::fixed_identity(1); }
+const Identity& other() { return fuzz::fixed_identity(2); }
 
 const std::shared_ptr<const Identity>& owner_ptr() {
   static const auto p = std::make_shared<const Identity>(owner());
