@@ -956,6 +956,26 @@ TEST_CASE("averaging: a member that sends parts of the wrong shape or dtype is d
   }
 }
 
+namespace {
+
+/// Checks that every part peer `i` reduced with the others, all but the part of the fake member
+/// at `group.my_index`, holds the mean of the three honest peers' tensors before the round.
+void check_honest_mean_outside_fake_part(const Peers<>& peers, const averaging::GroupInfo& group, std::size_t i) {
+  const auto parts = averaging::partition(group, averaging::flatten_tensors(peers.before[0]).numel());
+  std::vector<at::Tensor> before;
+  for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
+  const auto honest_mean = (before[0] + before[1] + before[2]) / 3;
+  const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
+  for (std::size_t p = 0; p < parts.size(); ++p)
+    if (p != group.my_index)
+      CHECK((after.slice(0, parts[p].begin, parts[p].end) - honest_mean.slice(0, parts[p].begin, parts[p].end))
+                .abs()
+                .max()
+                .item<double>() <= 1e-5);
+}
+
+}  // namespace
+
 TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped and banned") {
   // This peer's own step refuses it before anything is sent.
   {
@@ -989,23 +1009,13 @@ TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped a
       INFO(r);
       CHECK(r.find("weight") != std::string::npos);
     }
-    const auto parts = averaging::partition(group, averaging::flatten_tensors(peers.before[0]).numel());
-    std::vector<at::Tensor> before;
-    for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
-    const auto honest_mean = (before[0] + before[1] + before[2]) / 3;
     for (std::size_t i = 0; i < 3; ++i) {
       INFO("peer ", i, ": ", results[i].error);
       REQUIRE(results[i].ok);
       REQUIRE(results[i].dropped.size() == 1);
       CHECK(results[i].dropped[0].index == group.my_index);
       CHECK(results[i].dropped[0].reason.find("weight") != std::string::npos);
-      const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
-      for (std::size_t p = 0; p < parts.size(); ++p)
-        if (p != group.my_index)
-          CHECK((after.slice(0, parts[p].begin, parts[p].end) - honest_mean.slice(0, parts[p].begin, parts[p].end))
-                    .abs()
-                    .max()
-                    .item<double>() <= 1e-5);
+      check_honest_mean_outside_fake_part(peers, group, i);
       const auto bans = peers.averagers[i]->banned_peers();
       REQUIRE(bans.size() == 1);
       CHECK(bans[0].address == fake->address);
@@ -1042,22 +1052,12 @@ TEST_CASE("averaging: a member cannot send parts under another member's index") 
     CHECK(r.find(fmt::format("sender {} of round", victim)) != std::string::npos);
     CHECK(r.find(fake->rpc->peer_id()) != std::string::npos);
   }
-  const auto parts = averaging::partition(group, averaging::flatten_tensors(peers.before[0]).numel());
-  std::vector<at::Tensor> before;
-  for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b).to(at::kDouble));
-  const auto honest_mean = (before[0] + before[1] + before[2]) / 3;
   for (std::size_t i = 0; i < 3; ++i) {
     INFO("peer ", i, ": ", results[i].error);
     REQUIRE(results[i].ok);
     CHECK(results[i].dropped.empty());  // not the member it named, not itself
     CHECK(peers.averagers[i]->banned_peers().empty());
-    const auto after = averaging::flatten_tensors(peers.tensors[i]).to(at::kDouble);
-    for (std::size_t p = 0; p < parts.size(); ++p)
-      if (p != group.my_index)
-        CHECK((after.slice(0, parts[p].begin, parts[p].end) - honest_mean.slice(0, parts[p].begin, parts[p].end))
-                  .abs()
-                  .max()
-                  .item<double>() <= 1e-5);
+    check_honest_mean_outside_fake_part(peers, group, i);
   }
 }
 
