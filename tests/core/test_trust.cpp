@@ -2,6 +2,7 @@
 // and what a connection that skips or fakes its proof gets.
 #include "../common/error_of.hpp"
 #include "../common/raw_client.hpp"
+#include "../common/wait.hpp"
 #include "net_fixtures.hpp"
 
 #include <hive/core/identity.hpp>
@@ -250,6 +251,11 @@ TEST_CASE("signed records: a key naming an owner is replaced only by the owner, 
   DHT reader(peer_options().initial_peers({alice.node()->address()}));
   const double expiration = wall_time() + 60;
   const std::string key = "weights" + alice.owner_marker();
+  // A storer refuses the forgery below only if it holds alice's signed value, so alice's store
+  // must reach all three peers: wait until alice's table holds the two that joined through it.
+  REQUIRE(test::wait_for([&] {
+    return asio::co_spawn(alice.executor(), alice.node()->routing_table_size(), asio::use_future).get() == 2;
+  }));
   REQUIRE(alice.store(key, "v1", expiration));
   // A later-expiring unsigned value: storers that hold alice's signed one refuse it, and a
   // reader that knows the key ignores it wherever it landed.
