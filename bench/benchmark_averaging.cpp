@@ -29,6 +29,11 @@
 //   allreduce_gbps     = vector bytes x 8 / allreduce_s / 1e9 ("algorithmic" bandwidth);
 //   allreduce_bus_gbps = allreduce_gbps x 2 (n-1)/n: with butterfly all-reduce each peer sends
 //                        (n-1)/n of its vector to the other reducers and receives as much back.
+//   allreduce_copy_bound_s = the same bytes (the n(n-1) parts out, the n(n-1) averages back)
+//                        through bare loopback sockets into fresh buffers on two threads, with
+//                        no framing, encryption, decoding or arithmetic (median of 3, measured
+//                        right after the strategy's rounds); allreduce_ratio_to_bound =
+//                        allreduce_s / allreduce_copy_bound_s.
 // Part 2 runs once per strategy (--allreduce_strategy, default both): Butterfly's figures are
 // allreduce_*, Gloo's (c10d::ProcessGroupGloo rebuilt per round, averaging::Gloo)
 // gloo_allreduce_*, same sizes, same peers count, one after the other.
@@ -63,6 +68,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -528,6 +534,56 @@ nlohmann::json part1(const Args& a) {
 // ---- part 2 ------------------------------------------------------------------------------------
 
 // Part 2 with averager type A (one strategy); its figures are named `<key>_...`.
+// The copy bound of part 2: the butterfly's bytes through bare loopback sockets, with no
+// framing, encryption, decoding or arithmetic. Every peer sends each other peer that peer's
+// part (n(n-1) messages of bytes/n), then every reducer sends its part back to each other
+// peer; each message lands in a fresh buffer, as a receiver that keeps the data must. One
+// connection per ordered pair, two io threads (the machine's cores). Returns the median of
+// `rounds` timings.
+double copy_bound_seconds(int n, std::size_t bytes, int rounds) {
+  using asio::ip::tcp;
+  asio::io_context io;
+  const std::size_t part = bytes / static_cast<std::size_t>(n);
+  std::vector<std::unique_ptr<tcp::acceptor>> acceptors;
+  for (int j = 0; j < n; ++j)
+    acceptors.push_back(std::make_unique<tcp::acceptor>(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)));
+  std::vector<std::pair<std::unique_ptr<tcp::socket>, std::unique_ptr<tcp::socket>>> links;  // (sender end, receiver end)
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      if (i == j) continue;
+      auto from = std::make_unique<tcp::socket>(io);
+      from->connect(acceptors[static_cast<std::size_t>(j)]->local_endpoint());
+      auto to = std::make_unique<tcp::socket>(acceptors[static_cast<std::size_t>(j)]->accept());
+      from->set_option(tcp::no_delay(true));
+      to->set_option(tcp::no_delay(true));
+      links.emplace_back(std::move(from), std::move(to));
+    }
+  const std::vector<std::byte> source(part, std::byte{1});
+  std::atomic<bool> failed{false};
+  std::vector<double> times;
+  for (int round = 0; round < rounds; ++round) {
+    const auto t0 = Clock::now();
+    for (int phase = 0; phase < 2; ++phase) {  // scatter the parts, then gather the averages
+      for (auto& [from, to] : links) {
+        asio::async_write(*from, asio::buffer(source), [&failed](std::error_code ec, std::size_t) {
+          if (ec) failed = true;
+        });
+        auto landing = std::shared_ptr<std::byte[]>(std::make_unique_for_overwrite<std::byte[]>(part));
+        asio::async_read(*to, asio::buffer(landing.get(), part), [landing, &failed](std::error_code ec, std::size_t) {
+          if (ec) failed = true;
+        });
+      }
+      io.restart();
+      std::thread helper([&] { io.run(); });
+      io.run();
+      helper.join();
+      HIVE_CHECK(!failed, "copy bound: a loopback transfer failed");
+    }
+    times.push_back(since(t0));
+  }
+  return median(times);
+}
+
 template <class A>
 nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std::string_view strategy) {
   const int n = a.allreduce_peers;
@@ -609,6 +665,9 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
   const double own = cpu.own_cpu_s();
   swarm.close();
 
+  // The same bytes through bare sockets, measured right after, on the same machine state.
+  const double bound_s = copy_bound_seconds(n, static_cast<std::size_t>(bytes), 3);
+  fmt::print("copy bound: the same bytes through bare loopback sockets take {:.3f} s\n", bound_s);
   const double max_err = errs.empty() ? 0 : *std::max_element(errs.begin(), errs.end());
   check_ok = ok_steps == n * a.allreduce_rounds && max_err <= 1e-5;
   const double allreduce_s = median(ar);
@@ -626,6 +685,8 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
                         {name("_matchmaking_s"), round_to(median(mms), 4)},
                         {name("_gbps"), round_to(gbps, 3)},
                         {name("_bus_gbps"), round_to(gbps * 2.0 * (n - 1) / n, 3)},
+                        {name("_copy_bound_s"), round_to(bound_s, 4)},
+                        {name("_ratio_to_bound"), bound_s > 0 ? round_to(allreduce_s / bound_s, 3) : 0.0},
                         {name("_ok_steps"), ok_steps},
                         {name("_groups"), groups},
                         {name("_max_abs_err"), max_err},

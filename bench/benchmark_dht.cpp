@@ -7,6 +7,7 @@
 //
 // The last line is one JSON object.
 
+#include <hive/core/progress.hpp>
 #include <hive/dht/dht.hpp>
 #include <hive/dht/experts.hpp>
 
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <numeric>
 #include <chrono>
+#include <fstream>
 #include <random>
 #include <set>
 #include <string>
@@ -65,11 +67,15 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
-void progress(const char* what, std::size_t done, std::size_t total) {
-  const int width = 40;
-  const int filled = total ? static_cast<int>(width * done / total) : width;
-  fmt::print(stderr, "\r{:<8} [{}{}] {}/{}", what, std::string(filled, '#'), std::string(width - filled, '.'), done, total);
-  if (done == total) fmt::print(stderr, "\n");
+// MemAvailable from /proc/meminfo (8 GiB when it cannot be read).
+std::uint64_t available_memory_bytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string name;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (meminfo >> name >> kib >> unit)
+    if (name == "MemAvailable:") return kib * 1024;
+  return std::uint64_t{8} << 30;
 }
 
 using Clock = std::chrono::steady_clock;
@@ -83,35 +89,51 @@ int run(const Args& a) {
   std::shared_ptr<hive::net::SimNetwork> network;
   if constexpr (std::is_same_v<T, hive::net::Simulated>) network = hive::net::SimNetwork::create(runtime.executor());
 
-  // Each in-process TCP connection costs two descriptors; cap outgoing connections per peer
-  // so the swarm fits in the file limit (idle ones are closed and reopened on demand).
-  const rlim_t files = hive::net::raise_file_limit();
-  // Every connection is counted twice (both ends live here) and a contact is usually mutual
-  // (the callee pings back to verify the caller), hence the 4.
-  const auto per_peer = static_cast<std::uint32_t>(std::max<long>(
-      2, (static_cast<long>(files) - 2L * a.num_peers - 500) / (4L * (a.num_peers + 1))));
+  // Every peer lives in this process, so its connections share one file limit and one
+  // memory: each in-process connection costs two descriptors and, encrypted, about 320 KiB
+  // (both ends' buffers). The swarm gets a third of the available memory's worth of
+  // connections, and the file limit is raised to fit them where the process may. The two
+  // peers the benchmark talks through get an eighth of the connections each, up to one to
+  // every peer, as a peer in a process of its own would have; the others share the rest, their
+  // idle connections closed and reopened on demand. A contact is usually mutual (the callee
+  // pings back to verify the caller), hence two connections per contact.
+  const long by_memory = static_cast<long>(available_memory_bytes() / 3 / (320 * 1024));
+  const rlim_t files = hive::net::raise_file_limit(static_cast<rlim_t>(2L * by_memory + 2L * a.num_peers + 500));
+  // Each peer's listening socket takes a descriptor too.
+  const long connections = std::min(by_memory, (static_cast<long>(files) - a.num_peers - 500) / 2);
+  const auto client_pool = static_cast<std::uint32_t>(std::clamp<long>(connections / 8, 1, a.num_peers));
+  const auto per_peer = static_cast<std::uint32_t>(
+      std::max<long>(1, (connections - 2L * client_pool) / (2L * (a.num_peers + 1))));
   auto rpc_options = hive::net::RpcOptions().max_outgoing_connections(per_peer).request_timeout(hive::Seconds(5));
+  auto client_rpc_options = rpc_options;
+  client_rpc_options.max_outgoing_connections(client_pool);
   auto node_options = hive::dht::NodeOptions().wait_timeout(hive::Seconds(5)).refresh_period(hive::Seconds(0));
   auto transport = [&] {
     if constexpr (std::is_same_v<T, hive::net::Simulated>) return hive::net::SimulatedOptions().network(network);
     else return hive::net::TcpOptions();
   };
   fmt::print("benchmark_dht: {} peers over {}, {} experts in batches of {}, kill fraction {}, file limit {} ({} "
-             "outgoing connections per peer)\n",
-             a.num_peers, a.transport, a.num_experts, a.expert_batch_size, a.kill_fraction, files, per_peer);
+             "outgoing connections per peer, {} for the storing and the reading peer)\n",
+             a.num_peers, a.transport, a.num_experts, a.expert_batch_size, a.kill_fraction, files, per_peer, client_pool);
+  // The peers the experts are stored through and read through.
+  const auto store_index = std::uniform_int_distribution<int>(0, a.num_peers - 1)(rng);
+  const auto get_index = std::uniform_int_distribution<int>(0, a.num_peers - 1)(rng);
 
   auto t0 = Clock::now();
   std::vector<std::shared_ptr<Node>> peers;
+  hive::Progress creating("peers", static_cast<std::size_t>(a.num_peers));
   for (int i = 0; i < a.num_peers; ++i) {
-    auto node = Node::create(runtime.executor(), node_options, transport(), rpc_options);
+    const bool client = i == store_index || i == get_index;
+    auto node = Node::create(runtime.executor(), node_options, transport(), client ? client_rpc_options : rpc_options);
     node->listen("127.0.0.1:0");
     std::vector<std::string> initial;
     for (int j = 0; j < 3 && !peers.empty(); ++j)
       initial.push_back(peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)]->address());
     asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
     peers.push_back(node);
-    if (i % 16 == 15 || i + 1 == a.num_peers) progress("peers", i + 1, a.num_peers);
+    creating.update(static_cast<std::size_t>(i) + 1);
   }
+  creating.finish();
   const double create_s = since(t0);
 
   // Expert uids as in hivemind's benchmark: three random coordinates each.
@@ -122,12 +144,13 @@ int run(const Args& a) {
   std::vector<std::string> uids(unique.begin(), unique.end());
   std::shuffle(uids.begin(), uids.end(), rng);
 
-  auto store_peer = peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)];
-  auto get_peer = peers[std::uniform_int_distribution<std::size_t>(0, peers.size() - 1)(rng)];
+  auto store_peer = peers[static_cast<std::size_t>(store_index)];
+  auto get_peer = peers[static_cast<std::size_t>(get_index)];
   const std::string endpoint = "10.0.0.1:1337";
 
   t0 = Clock::now();
   std::size_t stored = 0;
+  hive::Progress storing("store", uids.size());
   for (std::size_t b = 0; b < uids.size(); b += a.expert_batch_size) {
     std::vector<std::string> batch(uids.begin() + b, uids.begin() + std::min(uids.size(), b + a.expert_batch_size));
     // As hivemind's declare_experts: each declaration expires `expiration` seconds after it is
@@ -138,8 +161,9 @@ int run(const Args& a) {
     hive::dht::sign_items(*store_peer, declaration.items);
     auto ok = asio::co_spawn(runtime.executor(), store_peer->store_many(declaration.items), asio::use_future).get();
     for (bool uid_ok : declaration.per_uid(ok)) stored += uid_ok;
-    progress("store", std::min(uids.size(), b + a.expert_batch_size), uids.size());
+    storing.update(std::min(uids.size(), b + a.expert_batch_size));
   }
+  storing.finish();
   const double store_s = since(t0);
 
   // Kill a fraction of the peers (never the two the benchmark talks through).
@@ -160,25 +184,32 @@ int run(const Args& a) {
 
   t0 = Clock::now();
   std::size_t found = 0;
+  hive::Progress getting("get", uids.size());
   for (std::size_t b = 0; b < uids.size(); b += a.expert_batch_size) {
     const std::size_t end = std::min(uids.size(), b + a.expert_batch_size);
-    std::vector<std::future<std::optional<hive::dht::Record>>> pending;
-    for (std::size_t u = b; u < end; ++u)
-      pending.push_back(asio::co_spawn(runtime.executor(), get_peer->get(hive::Id160::of(uids[u]), false), asio::use_future));
-    for (auto& f : pending) {
-      auto record = f.get();
+    // As hivemind's get_experts: one batched get of the batch's uids.
+    std::vector<hive::Id160> keys;
+    std::vector<std::string> raw_keys(uids.begin() + b, uids.begin() + end);
+    for (const auto& uid : raw_keys) keys.push_back(hive::Id160::of(uid));
+    auto records = asio::co_spawn(runtime.executor(), get_peer->get_many(keys, false, raw_keys), asio::use_future).get();
+    for (auto& record : records) {
       const auto decoded = record ? hive::BasicDHT<T>::decode(*record) : std::nullopt;
       if (decoded && hive::dht::expert_address(*decoded, /*signed_only=*/true) == endpoint) ++found;
     }
-    progress("get", end, uids.size());
+    getting.update(end);
   }
+  getting.finish();
   const double get_s = since(t0);
 
   const double n = static_cast<double>(uids.size());
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  const double max_rss_mib = static_cast<double>(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB
   fmt::print("create {} peers: {:.1f} s\n", a.num_peers, create_s);
   fmt::print("store: {:.1f}% success, {:.1f} s total, {:.2f} ms per expert\n", 100.0 * stored / n, store_s, 1e3 * store_s / n);
   fmt::print("get:   {:.1f}% success, {:.1f} s total, {:.2f} ms per expert\n", 100.0 * found / n, get_s, 1e3 * get_s / n);
   fmt::print("node survival: {:.1f}% ({} of {} killed)\n", 100.0 * (a.num_peers - killed) / a.num_peers, killed, a.num_peers);
+  fmt::print("memory: {:.0f} MiB at most for the whole swarm ({:.2f} MiB per peer)\n", max_rss_mib, max_rss_mib / a.num_peers);
   nlohmann::json out = {{"bench", "dht"},
                         {"transport", a.transport},
                         {"peers", a.num_peers},
@@ -192,7 +223,9 @@ int run(const Args& a) {
                         {"get_success", found / n},
                         {"get_ms_per_expert", 1e3 * get_s / n},
                         {"kill_fraction", a.kill_fraction},
-                        {"node_survival", (a.num_peers - killed) / static_cast<double>(a.num_peers)}};
+                        {"node_survival", (a.num_peers - killed) / static_cast<double>(a.num_peers)},
+                        {"max_rss_mib", max_rss_mib},
+                        {"outgoing_connections_per_peer", per_peer}};
   for (auto& p : peers) p->close();
   peers.clear();
   store_peer.reset();

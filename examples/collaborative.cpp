@@ -14,6 +14,7 @@
 #include "common/models.hpp"
 #include "common/seeded.hpp"
 
+#include <hive/core/progress.hpp>
 #include <hive/optim/collaborative.hpp>
 #include <hive/optim/diloco.hpp>
 
@@ -22,8 +23,6 @@
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/sgd.h>
-
-#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -123,33 +122,6 @@ void train_batch(torch::nn::Sequential& model, const hive::examples::Dataset& da
       .backward();
 }
 
-/// Progress of the swarm: a bar on a terminal, a line every 5% otherwise.
-class Progress {
- public:
-  explicit Progress(std::int64_t total) : total_(total), tty_(::isatty(STDERR_FILENO) != 0) {}
-  void show(std::int64_t done, const std::string& detail) {
-    std::lock_guard lock(mutex_);
-    const int percent = static_cast<int>(100 * std::min(done, total_) / total_);
-    if (tty_) {
-      const int filled = percent / 4;
-      fmt::print(stderr, "\r[{}{}] {:3}% {}   ", std::string(static_cast<std::size_t>(filled), '#'),
-                 std::string(static_cast<std::size_t>(25 - filled), ' '), percent, detail);
-    } else if (percent >= last_ + 5) {
-      last_ = percent - percent % 5;
-      fmt::print(stderr, "{:3}% {}\n", percent, detail);
-    }
-  }
-  void finish() {
-    if (tty_) fmt::print(stderr, "\n");
-  }
-
- private:
-  std::int64_t total_;
-  bool tty_;
-  int last_ = -5;
-  std::mutex mutex_;
-};
-
 struct PeerResult {
   double accuracy = 0;
   std::int64_t epoch = 0;
@@ -186,7 +158,8 @@ int main(int argc, char** argv) try {
   std::atomic<std::int64_t> swarm_progress{0};  // diloco: peer 0's inner steps; collaborative: samples
   std::atomic<std::int64_t> stop_epoch{std::numeric_limits<std::int64_t>::max()};
   const std::int64_t progress_total = diloco ? goal : total;
-  Progress bar(progress_total);
+  // A bar on a terminal, a line every 5% otherwise.
+  hive::Progress bar("training", static_cast<std::size_t>(progress_total));
   const auto started = SteadyClock::now();
   const std::int64_t shard = f.train_samples / f.peers;
   const int late = f.late_joiner ? f.peers - 1 : -1;
@@ -226,7 +199,7 @@ int main(int argc, char** argv) try {
           opt.step();
           if (p == 0) {
             swarm_progress = static_cast<std::int64_t>(opt.stats().inner_steps);
-            bar.show(swarm_progress, fmt::format("outer step {}", opt.stats().outer_steps));
+            bar.update(static_cast<std::size_t>(swarm_progress.load()), fmt::format("outer step {}", opt.stats().outer_steps));
           }
         }
         if (p != leaver) opt.outer_step();
@@ -263,7 +236,7 @@ int main(int argc, char** argv) try {
           opt.step();
           if (p == 0) {
             const auto g = opt.progress();
-            bar.show(swarm_progress, fmt::format("epoch {}, {} peers, {:.0f} samples/s, next step in {:.1f} s", g.epoch, g.peers,
+            bar.update(static_cast<std::size_t>(swarm_progress.load()), fmt::format("epoch {}, {} peers, {:.0f} samples/s, next step in {:.1f} s", g.epoch, g.peers,
                                                  g.samples_per_second, std::isfinite(g.eta_s) ? g.eta_s : 0.0));
           }
         }

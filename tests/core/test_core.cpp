@@ -4,8 +4,12 @@
 #include <hive/core/limits.hpp>
 #include <hive/core/log.hpp>
 #include <hive/core/buffer.hpp>
+#include <hive/core/progress.hpp>
 
 #include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstdio>
 
 using namespace hive;
 
@@ -81,4 +85,42 @@ TEST_CASE("Buffer slices share their owner") {
   CHECK(s == Buffer::copy_of(std::string_view("world")));
   CHECK(s.owner() == b.owner());
   CHECK(Buffer::adopt(std::vector<std::byte>(3)).size() == 3);
+}
+
+TEST_CASE("progress: a log gets a line every few percent, a terminal one redrawn line") {
+  auto read_all = [](std::FILE* f) {
+    std::rewind(f);
+    std::string text;
+    for (int c; (c = std::fgetc(f)) != EOF;) text.push_back(static_cast<char>(c));
+    return text;
+  };
+  {
+    std::FILE* log = std::tmpfile();
+    REQUIRE(log);
+    hive::Progress progress("store", 1000, log, 5, /*terminal=*/false);
+    for (std::size_t i = 0; i <= 1000; ++i) progress.update(i, "x");
+    progress.update(1000);  // the end again: no second final line
+    progress.finish();
+    const auto text = read_all(log);
+    CHECK(text.find('\r') == std::string::npos);
+    CHECK(std::count(text.begin(), text.end(), '\n') == 21);  // 0%, 5%, ..., 100%
+    CHECK(text.find("store   0% 0/1000 x\n") == 0);
+    CHECK(text.find("store 100% 1000/1000 x\n") != std::string::npos);
+    std::fclose(log);
+  }
+  {
+    std::FILE* tty = std::tmpfile();
+    REQUIRE(tty);
+    {
+      hive::Progress progress("get", 10, tty, 5, /*terminal=*/true);
+      for (std::size_t i = 0; i <= 10; ++i) progress.update(i);
+      // finish() not called: the destructor ends the line.
+    }
+    const auto text = read_all(tty);
+    CHECK(std::count(text.begin(), text.end(), '\r') == 11);
+    CHECK(std::count(text.begin(), text.end(), '\n') == 1);
+    CHECK(text.back() == '\n');
+    CHECK(text.find("[##############################] 100% 10/10") != std::string::npos);
+    std::fclose(tty);
+  }
 }

@@ -99,6 +99,12 @@ TEST_CASE("dht tcp: hostile input is refused while the peer keeps serving") {
   CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", "nope"}}, {}}, 5s), RemoteError);
   CHECK_THROWS_AS(raw->call(address, "dht.store", Message{nlohmann::json(17), {}}, 5s), RemoteError);
   CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {1, 2}}}, {}}, 5s), RemoteError);
+  // "k" (nearest peers wanted per key) must be a positive integer; a huge one is cut to K.
+  for (const auto& bad : {nlohmann::json(0), nlohmann::json(-3), nlohmann::json("five"), nlohmann::json(2.5)})
+    CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"k", bad}}, {}}, 5s),
+                    RemoteError);
+  CHECK(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"k", std::uint64_t{1} << 60}}, {}}, 5s)
+            .header.at("results").at(0).contains("r"));
   // Still serving.
   auto found = raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}}, {}}, 5s);
   CHECK(found.header.at("results").at(0).contains("r"));
@@ -278,4 +284,83 @@ TEST_CASE("dht tcp: a newly seen closer peer is handed the keys, found values ar
         return v && v->value && v->value->value == "new";
       },
       10s));
+}
+
+TEST_CASE("dht simulated: store_many and get_many batch their lookups, with far fewer frames than a lookup per key") {
+  net::Runtime runtime(1);
+  auto network = net::SimNetwork::create(runtime.executor(), net::SimNetworkOptions().seed(11));
+  using Node = dht::Node<net::Simulated>;
+  constexpr int num_peers = 100, num_keys = 300;
+  std::vector<std::shared_ptr<Node>> nodes;
+  std::mt19937 rng(7);
+  for (int i = 0; i < num_peers; ++i) {
+    auto node = Node::create(runtime.executor(), fast_node_options().wait_timeout(Seconds(5)),
+                             net::SimulatedOptions().network(network));
+    node->listen("0.0.0.0:0");
+    std::vector<std::string> initial;
+    if (!nodes.empty()) initial.push_back(nodes[std::uniform_int_distribution<int>(0, i - 1)(rng)]->address());
+    asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
+    nodes.push_back(node);
+  }
+  const double expiration = wall_time() + 600;
+  auto items_of = [&](const std::string& prefix) {
+    std::vector<dht::StoreItem> items;
+    for (int k = 0; k < num_keys; ++k)
+      items.push_back({Id160::of(fmt::format("{}{}", prefix, k)), std::nullopt, nlohmann::json::to_msgpack(nlohmann::json(k)),
+                       expiration});
+    return items;
+  };
+  auto frames = [&] { return network->stats().frames_delivered; };
+  auto& writer = nodes[3];
+  auto& reader = nodes[60];
+
+  // One key per call, the calls one after another: a lookup and its stores per key.
+  auto before = frames();
+  int one_by_one = 0;
+  for (auto& item : items_of("single")) {
+    auto ok = asio::co_spawn(runtime.executor(), writer->store_many({item}), asio::use_future).get();
+    one_by_one += ok.at(0);
+  }
+  const auto single_store_frames = frames() - before;
+  CHECK(one_by_one == num_keys);
+  // All keys in one call: one batched lookup, then one store request per replica.
+  before = frames();
+  auto batched = asio::co_spawn(runtime.executor(), writer->store_many(items_of("batch")), asio::use_future).get();
+  const auto batch_store_frames = frames() - before;
+  CHECK(std::count(batched.begin(), batched.end(), true) == num_keys);
+  MESSAGE("store: " << single_store_frames << " frames one key per call, " << batch_store_frames << " batched");
+  CHECK(batch_store_frames * 3 < single_store_frames);
+
+  // Gets: one per key, then get_many of all; both find every value.
+  std::vector<Id160> single_keys, batch_keys;
+  for (int k = 0; k < num_keys; ++k) {
+    single_keys.push_back(Id160::of(fmt::format("single{}", k)));
+    batch_keys.push_back(Id160::of(fmt::format("batch{}", k)));
+  }
+  auto value_is = [](const std::optional<dht::Record>& record, int k) {
+    return record && !record->is_dictionary() && nlohmann::json::from_msgpack(record->regular().value) == nlohmann::json(k);
+  };
+  before = frames();
+  int found_single = 0;
+  for (int k = 0; k < num_keys; ++k)
+    found_single += value_is(asio::co_spawn(runtime.executor(), reader->get(single_keys[k]), asio::use_future).get(), k);
+  const auto single_get_frames = frames() - before;
+  before = frames();
+  auto records = asio::co_spawn(runtime.executor(), reader->get_many(batch_keys), asio::use_future).get();
+  const auto batch_get_frames = frames() - before;
+  REQUIRE(records.size() == static_cast<std::size_t>(num_keys));
+  int found_batch = 0;
+  for (int k = 0; k < num_keys; ++k) found_batch += value_is(records[k], k);
+  CHECK(found_single == num_keys);
+  CHECK(found_batch == num_keys);
+  MESSAGE("get: " << single_get_frames << " frames one key per call, " << batch_get_frames << " batched");
+  CHECK(batch_get_frames * 2 < single_get_frames);
+  // A key nobody stored comes back empty, in its place.
+  auto mixed = asio::co_spawn(runtime.executor(), reader->get_many({batch_keys[0], Id160::of("nobody"), batch_keys[1]}),
+                              asio::use_future).get();
+  REQUIRE(mixed.size() == 3);
+  CHECK(value_is(mixed[0], 0));
+  CHECK_FALSE(mixed[1].has_value());
+  CHECK(value_is(mixed[2], 1));
+  for (auto& n : nodes) n->close();
 }

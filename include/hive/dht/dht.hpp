@@ -4,6 +4,7 @@
 
 #include <hive/fwd.hpp>
 #include <hive/core/msgpack.hpp>
+#include <hive/detail/event.hpp>
 #include <hive/dht/node.hpp>
 #include <hive/net/runtime.hpp>
 #include <hive/net/simulated.hpp>
@@ -265,6 +266,62 @@ class BasicDHT {
   /// Blocking async_get().
   std::optional<DHTRecord> get(std::string_view key, bool latest = false) {
     return async_get(key, latest, asio::use_future).get();
+  }
+
+  /// async_get() of many keys at once; completes with one record (or nullopt) per key, in
+  /// order, for the signature `void(std::exception_ptr, std::vector<std::optional<DHTRecord>>)`.
+  /// Where the routing model batches (dht::Node::get_many), one lookup serves every key and
+  /// keys that want the same peer share a request; otherwise the gets run concurrently.
+  template <class Token = asio::use_future_t<>>
+  auto async_get_many(std::vector<std::string> keys, bool latest = false, Token&& token = {}) {
+    auto node = node_;
+    // A strand: the fallback's gets gather their records on it.
+    return asio::co_spawn(
+        asio::make_strand(runtime_.executor()),
+        [node, keys = std::move(keys), latest]() -> asio::awaitable<std::vector<std::optional<DHTRecord>>> {
+          std::vector<std::optional<dht::Record>> records;
+          if constexpr (requires { node->get_many(std::vector<Id160>{}, latest, std::vector<std::string>{}); }) {
+            std::vector<Id160> ids;
+            ids.reserve(keys.size());
+            for (const auto& key : keys) ids.push_back(Id160::of(key));
+            auto op = node->get_many(std::move(ids), latest, keys);
+            records = co_await std::move(op);
+          } else if (!keys.empty()) {
+            struct Gather {
+              std::vector<std::optional<dht::Record>> records;
+              std::size_t left = 0;
+              std::exception_ptr error;
+              hive::detail::Event all;
+            };
+            auto g = std::make_shared<Gather>();
+            g->records.resize(keys.size());
+            g->left = keys.size();
+            const auto executor = co_await asio::this_coro::executor;
+            for (std::size_t i = 0; i < keys.size(); ++i)
+              asio::co_spawn(executor, [node, id = Id160::of(keys[i]), latest, i, g]() -> asio::awaitable<void> {
+                try {
+                  auto op = node->get(id, latest);
+                  g->records[i] = co_await std::move(op);
+                } catch (...) {
+                  if (!g->error) g->error = std::current_exception();
+                }
+                if (--g->left == 0) g->all.set();
+              }, asio::detached);
+            co_await g->all.wait(Deadline::max());  // each get is bounded by the routing model's timeouts
+            if (g->error) std::rethrow_exception(g->error);
+            records = std::move(g->records);
+          }
+          const auto validators = validators_of(*node);
+          std::vector<std::optional<DHTRecord>> out(keys.size());
+          for (std::size_t i = 0; i < keys.size() && i < records.size(); ++i)
+            if (records[i]) out[i] = decode(*records[i], keys[i], validators.get());
+          co_return out;
+        },
+        std::forward<Token>(token));
+  }
+  /// Blocking async_get_many().
+  std::vector<std::optional<DHTRecord>> get_many(std::vector<std::string> keys, bool latest = false) {
+    return async_get_many(std::move(keys), latest, asio::use_future).get();
   }
 
   /// Decodes a raw record's MessagePack values; values that do not decode are skipped, and

@@ -258,42 +258,19 @@ template <net::Transport T, Routing R, class Token = asio::use_future_t<>>
 auto async_get_experts(BasicDHT<T, R>& dht, const std::vector<std::string>& uids, Token&& token = {}) {
   for (const auto& uid : uids) parse_uid(uid);
   using Addresses = std::vector<std::optional<std::string>>;
-  return asio::async_initiate<Token, void(std::exception_ptr, Addresses)>(
-      [&dht, uids](auto handler) {
-        // All lookups at once; the first unexpired record suffices: a server re-declares its
-        // experts long before they expire, so any replica's copy names a live address.
-        using Handler = decltype(handler);
-        struct Gather {
-          std::mutex mutex;
-          Addresses out;
-          std::exception_ptr error;
-          std::size_t left;
-          std::optional<Handler> handler;
-        };
-        auto g = std::make_shared<Gather>();
-        g->out.resize(uids.size());
-        g->left = uids.size();
-        g->handler.emplace(std::move(handler));
-        auto finish = [g, executor = dht.executor()] {
-          auto h = std::move(*g->handler);
-          auto ex = asio::get_associated_executor(h, executor);
-          asio::dispatch(ex, [h = std::move(h), error = g->error, out = std::move(g->out)]() mutable {
-            std::move(h)(error, std::move(out));
-          });
-        };
-        if (uids.empty()) return finish();
-        for (std::size_t i = 0; i < uids.size(); ++i)
-          dht.async_get(uids[i], /*latest=*/false, [g, i, finish](std::exception_ptr error, std::optional<DHTRecord> record) {
-            std::unique_lock lock(g->mutex);
-            if (error && !g->error) g->error = error;
-            if (record) g->out[i] = expert_address(*record, signs_records<typename BasicDHT<T, R>::node_type>);
-            if (--g->left == 0) {
-              lock.unlock();
-              finish();
-            }
-          });
+  // One batched get of every uid; the first unexpired record suffices: a server re-declares
+  // its experts long before they expire, so any replica's copy names a live address.
+  return asio::co_spawn(
+      dht.executor(),
+      [&dht, uids]() -> asio::awaitable<Addresses> {
+        auto op = dht.async_get_many(uids, /*latest=*/false, asio::use_awaitable);
+        auto records = co_await std::move(op);
+        Addresses out(uids.size());
+        for (std::size_t i = 0; i < uids.size() && i < records.size(); ++i)
+          if (records[i]) out[i] = expert_address(*records[i], signs_records<typename BasicDHT<T, R>::node_type>);
+        co_return out;
       },
-      token);
+      std::forward<Token>(token));
 }
 
 /// Blocking async_get_experts().
@@ -368,15 +345,9 @@ class ExpertDirectory {
   static std::shared_ptr<ExpertDirectory> over(BasicDHT<T, R>& dht, std::string uid_prefix, std::vector<std::int64_t> grid,
                                                ExpertDirectoryOptions options = {}) {
     auto fetch = [&dht](const std::vector<std::string>& keys) {
-      std::vector<std::future<std::optional<DHTRecord>>> pending;
-      pending.reserve(keys.size());
       // latest: ask every nearest replica and merge their dictionaries. Each server adds its
       // own subkeys, and a replica that joined late may hold only some of them.
-      for (const auto& key : keys) pending.push_back(dht.async_get(key, /*latest=*/true));
-      std::vector<std::optional<DHTRecord>> out;
-      out.reserve(keys.size());
-      for (auto& f : pending) out.push_back(f.get());
-      return out;
+      return dht.get_many(keys, /*latest=*/true);
     };
     return std::make_shared<ExpertDirectory>(std::move(fetch), std::move(uid_prefix), std::move(grid), std::move(options),
                                              signs_records<typename BasicDHT<T, R>::node_type>);

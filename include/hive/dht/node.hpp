@@ -260,7 +260,8 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return co_await on_strand(std::move(op));
   }
 
-  /// Stores items on the replicas of their keys (looked up first). Returns, per item, whether
+  /// Stores items on the replicas of their keys (looked up first, all keys in one batched
+  /// lookup; each replica gets one request with all its items). Returns, per item, whether
   /// at least one replica (this peer included) accepted it.
   asio::awaitable<std::vector<bool>> store_many(std::vector<StoreItem> items) {
     auto op = [self = this->shared_from_this(), items = std::move(items)]() mutable -> asio::awaitable<std::vector<bool>> {
@@ -274,8 +275,25 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   /// `raw_key` (the key `key` is the id of), values the validators refuse knowing it (a key
   /// owner's forged value) are dropped before they can displace valid ones.
   asio::awaitable<std::optional<Record>> get(Id160 key, bool latest = false, std::string raw_key = {}) {
-    auto op = [self = this->shared_from_this(), key, latest, raw_key = std::move(raw_key)]() -> asio::awaitable<std::optional<Record>> {
-      co_return co_await self->get_on_strand(key, latest, raw_key);
+    auto op = [self = this->shared_from_this(), key, latest, raw_key = std::move(raw_key)]() mutable -> asio::awaitable<std::optional<Record>> {
+      auto many = self->get_many_on_strand({key}, latest, {std::move(raw_key)});
+      auto records = co_await std::move(many);
+      co_return std::move(records.at(0));
+    };
+    co_return co_await on_strand(std::move(op));
+  }
+
+  /// get() of many keys at once: one lookup serves them all, and the keys that want the same
+  /// peer share one request to it (at most 256 keys each). Returns one record per key, in
+  /// order. `raw_keys`, when not empty, holds the string each key is the id of (as get()'s
+  /// `raw_key`; an empty string where unknown).
+  asio::awaitable<std::vector<std::optional<Record>>> get_many(std::vector<Id160> keys, bool latest = false,
+                                                               std::vector<std::string> raw_keys = {}) {
+    HIVE_CHECK(raw_keys.empty() || raw_keys.size() == keys.size(), "get_many: {} keys but {} raw keys", keys.size(),
+               raw_keys.size());
+    auto op = [self = this->shared_from_this(), keys = std::move(keys), latest,
+               raw_keys = std::move(raw_keys)]() mutable -> asio::awaitable<std::vector<std::optional<Record>>> {
+      co_return co_await self->get_many_on_strand(std::move(keys), latest, std::move(raw_keys));
     };
     co_return co_await on_strand(std::move(op));
   }
@@ -320,6 +338,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
  private:
   static constexpr std::size_t K = R::bucket_size;
+  // Keys per dht.find and items per dht.store: a find reply carries up to K peers per key
+  // (about 1.3 KB), so 256 keys stay far below any frame limit.
+  static constexpr std::size_t max_keys_per_request = 256;
+  static constexpr std::size_t max_items_per_store = 512;
 
   auto executor() const { return rpc_->get_executor(); }
 
@@ -489,6 +511,13 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     if (!h.is_object() || !h.contains("keys") || !h["keys"].is_array())
       throw Error(errc::bad_header, "dht.find needs an array of keys");
     if (h["keys"].size() > 4096) throw Error(errc::limit_exceeded, "dht.find takes at most 4096 keys");
+    // "k": how many nearest peers the requester wants per key (K when absent).
+    std::size_t wanted = K;
+    if (auto k = h.find("k"); k != h.end()) {
+      if (!k->is_number_unsigned() || k->template get<std::uint64_t>() < 1)
+        throw Error(errc::bad_header, "dht.find: k must be a positive integer");
+      wanted = static_cast<std::size_t>(std::min<std::uint64_t>(k->template get<std::uint64_t>(), K));
+    }
     learn_sender(h, remote);
     std::optional<Id160> requester;
     if (h.contains("from") && h["from"].is_object() && h["from"].contains("id")) {
@@ -525,7 +554,7 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         if (truncated) r["t"] = true;
       }
       nlohmann::json peers = nlohmann::json::array();
-      for (const auto& n : table_.nearest(key, K, requester)) {
+      for (const auto& n : table_.nearest(key, wanted, requester)) {
         budget -= std::min(budget, n.address.size() + 32);
         peers.push_back({detail::id_to_json(n.id), n.address});
       }
@@ -652,20 +681,39 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return std::move(*ok);
   }
 
-  // `raw_key` by value: a lookup may return while this request is still in flight.
-  asio::awaitable<std::optional<FindReply>> send_find(const NodeInfo& peer, const Id160& key, std::string raw_key = {}) {
-    Message request{nlohmann::json{{"from", sender()}, {"keys", nlohmann::json::array({detail::id_to_json(key)})}}, {}};
-    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [this, &key, &raw_key](const Message& m) {
-      const auto& r = m.header.at("results").at(0);
-      FindReply reply;
-      // What fails validation is dropped here, before it can displace a valid record.
-      if (r.contains("r")) reply.record = valid_part(key, detail::record_from_json(r["r"]), raw_key);
-      for (const auto& n : r.at("n")) {
-        if (!n.is_array() || n.size() != 2 || !n[1].is_string()) continue;
-        reply.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
-        if (reply.peers.size() >= K) break;
+  // Asks `peer` for `keys` in one request; one reply per key, in order. `raw_keys` (key ->
+  // the string it is the id of) lets the validators drop an owner's forged values; shared, as
+  // a lookup may return while this request is still in flight.
+  // `wanted` nearest peers per key (at most K).
+  asio::awaitable<std::optional<std::vector<FindReply>>> send_find(
+      const NodeInfo& peer, std::vector<Id160> keys, std::shared_ptr<const std::map<Id160, std::string>> raw_keys,
+      std::size_t wanted) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& key : keys) list.push_back(detail::id_to_json(key));
+    Message request{nlohmann::json{{"from", sender()}, {"keys", std::move(list)}}, {}};
+    if (wanted < K) request.header["k"] = wanted;
+    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [this, &keys, &raw_keys](const Message& m) {
+      const auto& results = m.header.at("results");
+      if (!results.is_array() || results.size() != keys.size())
+        throw Error(errc::bad_header, fmt::format("dht.find answered {} keys of {}", results.size(), keys.size()));
+      std::vector<FindReply> replies(keys.size());
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const auto& r = results[i];
+        FindReply& reply = replies[i];
+        // What fails validation is dropped here, before it can displace a valid record.
+        if (r.contains("r")) {
+          std::string_view raw;
+          if (raw_keys)
+            if (auto it = raw_keys->find(keys[i]); it != raw_keys->end()) raw = it->second;
+          reply.record = valid_part(keys[i], detail::record_from_json(r["r"]), raw);
+        }
+        for (const auto& n : r.at("n")) {
+          if (!n.is_array() || n.size() != 2 || !n[1].is_string()) continue;
+          reply.peers.push_back(NodeInfo{detail::id_from_json(n[0]), n[1].template get<std::string>()});
+          if (reply.peers.size() >= K) break;
+        }
       }
-      return reply;
+      return replies;
     });
     auto found = co_await std::move(op);
     if (found) saw_alive(peer.id, peer.address);
@@ -674,11 +722,13 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
 
   // ---- lookups ------------------------------------------------------------------------------
 
-  // Kademlia's iterative lookup (lookup.hpp) from this peer's table: Alpha requests in flight,
-  // until the `converge` (default K) nearest known peers have all answered (or, when `latest`
-  // is false and a value was wanted, until one is found).
-  asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K,
-                                       std::string raw_key = {}) {
+  // Kademlia's iterative lookup (lookup.hpp) of many keys from this peer's table: Alpha
+  // requests in flight per key, keys that want the same peer sharing a request, until the
+  // `converge` (default K) nearest known peers of each key have all answered (or, when
+  // `latest` is false and a value was wanted, until one is found).
+  asio::awaitable<std::vector<LookupResult>> lookup_many(std::vector<Id160> keys, bool want_value, bool latest,
+                                                         std::size_t converge = K,
+                                                         std::shared_ptr<const std::map<Id160, std::string>> raw_keys = {}) {
     LookupSettings settings;
     settings.want_value = want_value;
     settings.latest = latest;
@@ -687,101 +737,146 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     settings.deadline = deadline_after(options_.wait_timeout() * 10);
     settings.now = this->now();
     auto self = this->shared_from_this();
-    auto ask = [self, key, raw_key](const NodeInfo& peer) { return self->send_find(peer, key, raw_key); };
+    // Each answer needs only the `converge` nearest peers it knows.
+    auto ask = [self, raw_keys, converge](const NodeInfo& peer, std::vector<Id160> asked) {
+      return self->send_find(peer, std::move(asked), raw_keys, converge);
+    };
     auto skip = [self](const NodeInfo& peer) { return self->blacklist_.is_banned(peer.address); };
     auto stopped = [self] { return self->closed_; };
+    std::vector<std::vector<NodeInfo>> start;
+    start.reserve(keys.size());
+    for (const auto& key : keys) start.push_back(table_.nearest(key, K));
     // Named locals, not temporaries, in the co_await: GCC 12 mishandles the latter.
-    auto op = iterative_lookup(key, table_.nearest(key, K), id_, settings, std::move(ask), std::move(skip), std::move(stopped));
+    auto op = iterative_lookup_many(std::move(keys), std::move(start), id_, settings, std::move(ask), std::move(skip),
+                                    std::move(stopped), max_keys_per_request);
     co_return co_await std::move(op);
   }
 
-  asio::awaitable<std::optional<Record>> get_on_strand(Id160 key, bool latest, std::string raw_key) {
+  // One key's lookup_many.
+  asio::awaitable<LookupResult> lookup(Id160 key, bool want_value, bool latest, std::size_t converge = K,
+                                       std::string raw_key = {}) {
+    std::shared_ptr<const std::map<Id160, std::string>> raw_keys;
+    if (!raw_key.empty()) raw_keys = std::make_shared<const std::map<Id160, std::string>>(
+        std::map<Id160, std::string>{{key, std::move(raw_key)}});
+    auto op = lookup_many({key}, want_value, latest, converge, std::move(raw_keys));
+    auto results = co_await std::move(op);
+    co_return std::move(results.at(0));
+  }
+
+  // Gets many keys: local storage and cache first, then one batched lookup of the rest (all
+  // of them with `latest`). A found value is cached at the nearest peer that lacked it.
+  asio::awaitable<std::vector<std::optional<Record>>> get_many_on_strand(std::vector<Id160> keys, bool latest,
+                                                                         std::vector<std::string> raw_keys) {
     const double now = this->now();
-    std::optional<Record> local;
-    if (auto own = storage_.get(key, now)) detail::merge_record(local, *own, now);
-    if (auto cached = cache_.get(key, now)) {
-      detail::merge_record(local, *cached, now);
-      watched_cache_keys_.insert(key);
+    std::vector<std::optional<Record>> out(keys.size());
+    std::vector<std::size_t> wanted;  // indices to look up
+    std::vector<Id160> wanted_keys;
+    std::map<Id160, std::string> raw_map;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      const Id160& key = keys[i];
+      const std::string raw = i < raw_keys.size() ? raw_keys[i] : std::string{};
+      std::optional<Record>& local = out[i];
+      if (auto own = storage_.get(key, now)) detail::merge_record(local, *own, now);
+      if (auto cached = cache_.get(key, now)) {
+        detail::merge_record(local, *cached, now);
+        watched_cache_keys_.insert(key);
+      }
+      if (local && !raw.empty()) local = valid_part(key, std::move(*local), raw);
+      if (local && !latest) continue;
+      if (!raw.empty()) raw_map.emplace(key, raw);
+      wanted.push_back(i);
+      wanted_keys.push_back(key);
     }
-    if (local && !raw_key.empty()) local = valid_part(key, std::move(*local), raw_key);
-    if (local && !latest) co_return local;
-    auto result = co_await lookup(key, true, latest, K, raw_key);
-    if (local) detail::merge_record(result.record, *local, this->now());
-    if (result.record && options_.cache_on_store() && !result.lacking.empty()) {
-      std::vector<StoreItem> items;
-      append_items(items, key, *result.record);
-      asio::co_spawn(executor(), [self = this->shared_from_this(), peer = result.lacking.front(), items = std::move(items)]() -> asio::awaitable<void> {
+    if (wanted.empty()) co_return out;
+    auto raw_shared = raw_map.empty() ? nullptr : std::make_shared<const std::map<Id160, std::string>>(std::move(raw_map));
+    auto op = lookup_many(wanted_keys, true, latest, K, std::move(raw_shared));
+    auto results = co_await std::move(op);
+    std::map<Id160, std::pair<NodeInfo, std::vector<StoreItem>>> to_cache;  // nearest lacking peer -> items
+    for (std::size_t j = 0; j < wanted.size(); ++j) {
+      auto& result = results[j];
+      std::optional<Record>& record = out[wanted[j]];
+      if (record) detail::merge_record(result.record, *record, this->now());
+      if (result.record && options_.cache_on_store() && !result.lacking.empty()) {
+        auto& entry = to_cache[result.lacking.front().id];
+        entry.first = result.lacking.front();
+        append_items(entry.second, wanted_keys[j], *result.record);
+      }
+      record = std::move(result.record);
+    }
+    for (auto& [id, entry] : to_cache) {
+      asio::co_spawn(executor(), [self = this->shared_from_this(), peer = entry.first, items = std::move(entry.second)]() -> asio::awaitable<void> {
         co_await self->send_store(peer, items, true);
       }, asio::detached);
     }
-    co_return result.record;
+    co_return out;
   }
 
+  // Stores items: one batched lookup of their distinct keys, then one store request per
+  // replica carrying all the items it is a replica for.
   asio::awaitable<std::vector<bool>> store_on_strand(std::vector<StoreItem> items) {
-    // Group by key: one lookup per distinct key, then one store request per replica.
     std::map<Id160, std::vector<std::size_t>> by_key;
     for (std::size_t i = 0; i < items.size(); ++i) by_key[items[i].key].push_back(i);
-    auto remaining = std::make_shared<std::size_t>(by_key.size());
-    auto all = std::make_shared<hive::detail::Event>();
-    if (by_key.empty()) all->set();
-    auto results = std::make_shared<std::vector<bool>>(items.size(), false);
-    auto shared_items = std::make_shared<std::vector<StoreItem>>(std::move(items));
-    for (auto& [key, indices] : by_key) {
-      asio::co_spawn(executor(), [self = this->shared_from_this(), key = key, indices = indices, shared_items, results, remaining, all]() -> asio::awaitable<void> {
-        try {
-          co_await self->store_key(key, indices, *shared_items, *results);
-        } catch (const std::exception& e) {
-          log::debug("dht", "store of {} failed: {}", key, e.what());
-        }
-        if (--*remaining == 0) all->set();
-      }, asio::detached);
-    }
-    co_await all->wait(Deadline::max());  // each store_key is bounded by its lookup and request timeouts
-    co_return *results;
-  }
-
-  asio::awaitable<void> store_key(Id160 key, std::vector<std::size_t> indices, const std::vector<StoreItem>& items,
-                                  std::vector<bool>& results) {
+    std::vector<bool> results(items.size(), false);
+    if (by_key.empty()) co_return results;
+    std::vector<Id160> keys;
+    keys.reserve(by_key.size());
+    for (const auto& [key, indices] : by_key) keys.push_back(key);
     // The replicas are the num_replicas nearest: converging on twice as many keeps the answer
     // exact in practice at a fraction of a full K-lookup's requests.
-    auto found = co_await lookup(key, false, false, std::min(K, std::max<std::size_t>(2 * options_.num_replicas(), R::alpha)));
-    std::vector<StoreItem> mine;
-    for (auto i : indices) mine.push_back(items[i]);
-    // Replicas: the num_replicas nearest among the peers found and this one.
-    std::vector<std::optional<NodeInfo>> replicas;  // nullopt = this peer
-    {
-      std::vector<std::pair<Id160, std::optional<NodeInfo>>> all;
-      for (auto& n : found.nearest) all.emplace_back(n.id ^ key, n);
+    const std::size_t converge = std::min(K, std::max<std::size_t>(2 * options_.num_replicas(), R::alpha));
+    auto lookup_op = lookup_many(keys, false, false, converge);
+    auto found = co_await std::move(lookup_op);
+    // Replicas of each key: the num_replicas nearest among the peers found and this one. Items
+    // are grouped by replica peer.
+    const double now = this->now();
+    std::map<Id160, std::pair<NodeInfo, std::vector<std::size_t>>> per_peer;
+    for (std::size_t k = 0; k < keys.size(); ++k) {
+      const Id160& key = keys[k];
+      std::vector<std::pair<Id160, std::optional<NodeInfo>>> all;  // nullopt = this peer
+      for (auto& n : found[k].nearest) all.emplace_back(n.id ^ key, n);
       if (!options_.client_mode()) all.emplace_back(id_ ^ key, std::nullopt);
       std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-      for (std::size_t i = 0; i < all.size() && i < options_.num_replicas(); ++i) replicas.push_back(all[i].second);
-    }
-    const double now = this->now();
-    auto remaining = std::make_shared<std::size_t>(replicas.size());
-    auto done = std::make_shared<hive::detail::Event>();
-    if (replicas.empty()) done->set();
-    auto accepted = std::make_shared<std::vector<bool>>(mine.size(), false);
-    for (auto& replica : replicas) {
-      if (!replica) {
-        for (std::size_t j = 0; j < mine.size(); ++j) {
-          const auto& it = mine[j];
+      if (all.size() > options_.num_replicas()) all.resize(options_.num_replicas());
+      for (auto& [distance, replica] : all) {
+        if (replica) {
+          auto& entry = per_peer[replica->id];
+          entry.first = *replica;
+          entry.second.insert(entry.second.end(), by_key[key].begin(), by_key[key].end());
+          continue;
+        }
+        for (auto i : by_key[key]) {
+          const auto& it = items[i];
           if (!acceptable(storage_, it.key, it.subkey, it.value, it.expiration, now)) continue;
           StoreStatus s = it.subkey ? storage_.store_subkey(it.key, *it.subkey, it.value, it.expiration, now)
                                     : storage_.store(it.key, it.value, it.expiration, now);
-          if (s == StoreStatus::stored) (*accepted)[j] = true;
+          if (s == StoreStatus::stored) results[i] = true;
         }
-        if (--*remaining == 0) done->set();
-        continue;
       }
-      asio::co_spawn(executor(), [self = this->shared_from_this(), peer = *replica, mine, accepted, remaining, done]() -> asio::awaitable<void> {
-        auto ok = co_await self->send_store(peer, mine, false);
-        for (std::size_t j = 0; j < ok.size(); ++j)
-          if (ok[j]) (*accepted)[j] = true;
-        if (--*remaining == 0) done->set();
-      }, asio::detached);
     }
-    co_await done->wait(Deadline::max());  // each send_store is bounded by wait_timeout
-    for (std::size_t j = 0; j < indices.size(); ++j) results[indices[j]] = (*accepted)[j];
+    auto shared_items = std::make_shared<const std::vector<StoreItem>>(std::move(items));
+    auto accepted = std::make_shared<std::vector<bool>>(std::move(results));
+    auto remaining = std::make_shared<std::size_t>(0);
+    auto done = std::make_shared<hive::detail::Event>();
+    for (auto& [id, entry] : per_peer) {
+      for (std::size_t from = 0; from < entry.second.size(); from += max_items_per_store) {
+        std::vector<std::size_t> which(entry.second.begin() + static_cast<std::ptrdiff_t>(from),
+                                       entry.second.begin() + static_cast<std::ptrdiff_t>(
+                                                                  std::min(entry.second.size(), from + max_items_per_store)));
+        ++*remaining;
+        asio::co_spawn(executor(), [self = this->shared_from_this(), peer = entry.first, which = std::move(which), shared_items,
+                                    accepted, remaining, done]() -> asio::awaitable<void> {
+          std::vector<StoreItem> mine;
+          mine.reserve(which.size());
+          for (auto i : which) mine.push_back((*shared_items)[i]);
+          auto ok = co_await self->send_store(peer, mine, false);
+          for (std::size_t j = 0; j < ok.size() && j < which.size(); ++j)
+            if (ok[j]) (*accepted)[which[j]] = true;
+          if (--*remaining == 0) done->set();
+        }, asio::detached);
+      }
+    }
+    if (*remaining > 0) co_await done->wait(Deadline::max());  // each send_store is bounded by wait_timeout
+    co_return *accepted;
   }
 
   // ---- background upkeep --------------------------------------------------------------------

@@ -9,6 +9,8 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -18,9 +20,22 @@ namespace hive::net {
 /// Raises this process's soft limit on open descriptors to its hard limit and returns the new
 /// soft limit. Debian's default soft limit (1024) is too low for a peer that many others
 /// connect to; programs call this at start (the library never changes process limits itself).
-inline rlim_t raise_file_limit() noexcept {
+/// With `wanted` above the hard limit, first tries to raise the hard limit to it (at most the
+/// kernel's fs.nr_open); that takes privilege (CAP_SYS_RESOURCE), and without it the hard
+/// limit stays.
+inline rlim_t raise_file_limit(rlim_t wanted = 0) noexcept {
   rlimit r{};
   if (::getrlimit(RLIMIT_NOFILE, &r) != 0) return 0;
+  if (wanted > r.rlim_max && r.rlim_max != RLIM_INFINITY) {
+    rlim_t ceiling = wanted;
+    if (std::FILE* f = std::fopen("/proc/sys/fs/nr_open", "r")) {
+      unsigned long long nr_open = 0;
+      if (std::fscanf(f, "%llu", &nr_open) == 1 && nr_open > 0) ceiling = std::min<rlim_t>(wanted, nr_open);
+      std::fclose(f);
+    }
+    rlimit higher{ceiling, ceiling};
+    if (ceiling > r.rlim_max && ::setrlimit(RLIMIT_NOFILE, &higher) == 0) r = higher;
+  }
   r.rlim_cur = r.rlim_max;
   ::setrlimit(RLIMIT_NOFILE, &r);
   ::getrlimit(RLIMIT_NOFILE, &r);
