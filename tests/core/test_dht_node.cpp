@@ -18,6 +18,25 @@ dht::NodeOptions fast_node_options() {
   return dht::NodeOptions().wait_timeout(Seconds(1)).refresh_period(Seconds(0));
 }
 
+// `num_peers` peers on `network`, each bootstrapped from one random earlier peer.
+std::vector<std::shared_ptr<dht::Node<net::Simulated>>> simulated_swarm(net::Runtime& runtime,
+                                                                      const std::shared_ptr<net::SimNetwork>& network,
+                                                                      int num_peers, std::mt19937& rng) {
+  using Node = dht::Node<net::Simulated>;
+  std::vector<std::shared_ptr<Node>> nodes;
+  for (int i = 0; i < num_peers; ++i) {
+    auto node = Node::create(runtime.executor(), fast_node_options().wait_timeout(Seconds(5)),
+                             net::SimulatedOptions().network(network));
+    node->listen("0.0.0.0:0");
+    std::vector<std::string> initial;
+    if (!nodes.empty()) initial.push_back(nodes[std::uniform_int_distribution<int>(0, i - 1)(rng)]->address());
+    auto answered = asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
+    if (!initial.empty()) REQUIRE(answered == 1);
+    nodes.push_back(node);
+  }
+  return nodes;
+}
+
 }  // namespace
 
 TEST_CASE("dht tcp: a handful of peers store and find values, dictionaries and latest versions") {
@@ -115,20 +134,9 @@ TEST_CASE("dht tcp: hostile input is refused while the peer keeps serving") {
 TEST_CASE("dht simulated: 200 peers store and find 1000 keys, and with 20% crashed at least 99% are still found") {
   net::Runtime runtime(1);
   auto network = net::SimNetwork::create(runtime.executor(), net::SimNetworkOptions().seed(3));
-  using Node = dht::Node<net::Simulated>;
   constexpr int num_peers = 200, num_keys = 1000;
-  std::vector<std::shared_ptr<Node>> nodes;
   std::mt19937 rng(5);
-  for (int i = 0; i < num_peers; ++i) {
-    auto node = Node::create(runtime.executor(), fast_node_options().wait_timeout(Seconds(5)),
-                             net::SimulatedOptions().network(network));
-    node->listen("0.0.0.0:0");
-    std::vector<std::string> initial;
-    if (!nodes.empty()) initial.push_back(nodes[std::uniform_int_distribution<int>(0, i - 1)(rng)]->address());
-    auto answered = asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
-    if (!initial.empty()) REQUIRE(answered == 1);
-    nodes.push_back(node);
-  }
+  auto nodes = simulated_swarm(runtime, network, num_peers, rng);
   const double expiration = wall_time() + 600;
   // Operations run 50 at a time: all simulated peers share one strand, and a thousand
   // lookups at once would queue frames past the request timeouts on a loaded CI machine.
@@ -289,19 +297,9 @@ TEST_CASE("dht tcp: a newly seen closer peer is handed the keys, found values ar
 TEST_CASE("dht simulated: store_many and get_many batch their lookups, with far fewer frames than a lookup per key") {
   net::Runtime runtime(1);
   auto network = net::SimNetwork::create(runtime.executor(), net::SimNetworkOptions().seed(11));
-  using Node = dht::Node<net::Simulated>;
   constexpr int num_peers = 100, num_keys = 300;
-  std::vector<std::shared_ptr<Node>> nodes;
   std::mt19937 rng(7);
-  for (int i = 0; i < num_peers; ++i) {
-    auto node = Node::create(runtime.executor(), fast_node_options().wait_timeout(Seconds(5)),
-                             net::SimulatedOptions().network(network));
-    node->listen("0.0.0.0:0");
-    std::vector<std::string> initial;
-    if (!nodes.empty()) initial.push_back(nodes[std::uniform_int_distribution<int>(0, i - 1)(rng)]->address());
-    asio::co_spawn(runtime.executor(), node->bootstrap(initial), asio::use_future).get();
-    nodes.push_back(node);
-  }
+  auto nodes = simulated_swarm(runtime, network, num_peers, rng);
   const double expiration = wall_time() + 600;
   auto items_of = [&](const std::string& prefix) {
     std::vector<dht::StoreItem> items;
