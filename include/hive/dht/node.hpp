@@ -681,10 +681,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     co_return std::move(*ok);
   }
 
-  // Asks `peer` for `keys` in one request; one reply per key, in order. `raw_keys` (key ->
-  // the string it is the id of) lets the validators drop an owner's forged values; shared, as
-  // a lookup may return while this request is still in flight.
-  // `wanted` nearest peers per key (at most K).
+  // Asks `peer` for `keys` in one request, and for the `wanted` (at most K) nearest peers it
+  // knows to each; one reply per key, in order. `raw_keys` (key -> the string it is the id
+  // of) lets the validators drop an owner's forged values; shared, as a lookup may return
+  // while this request is still in flight.
   asio::awaitable<std::optional<std::vector<FindReply>>> send_find(
       const NodeInfo& peer, std::vector<Id160> keys, std::shared_ptr<const std::map<Id160, std::string>> raw_keys,
       std::size_t wanted) {
