@@ -153,11 +153,12 @@ asio::awaitable<std::vector<LookupResult>> iterative_lookup_many(std::vector<Id1
               auto op = ask(peer, asked_keys);  // a named local: GCC 12 mishandles temporaries in co_await
               auto replies = co_await std::move(op);
               --state->in_flight;
-              if (!replies || replies->size() != which.size()) state->failed.insert(peer.id);
+              const bool answered = replies && replies->size() == which.size();
+              if (!answered) state->failed.insert(peer.id);
               for (std::size_t j = 0; j < which.size(); ++j) {
                 Key& k = state->keys[which[j]];
                 --k.in_flight;
-                if (!replies || replies->size() != which.size()) continue;
+                if (!answered) continue;
                 auto& reply = (*replies)[j];
                 k.answered.insert(peer.id);
                 if (reply.record) detail::merge_record(k.record, *reply.record, now);
