@@ -8,7 +8,7 @@
 //                       [--allreduce_timeout 60] [--part_size_bytes 524288]
 //                       [--allreduce_peers 8] [--allreduce_mib 64] [--allreduce_rounds 3]
 //                       [--allreduce_strategy both|butterfly|gloo] [--allreduce_aggregation mean]
-//                       [--pause 0]
+//                       [--pause 0] [--encrypt 1]
 //                       [--collaborative_peers 4] [--collaborative_samples 8000] [--seed 0]
 //
 // Part 1 (hivemind's benchmark): --peers averagers, each over --num_tensors random tensors of
@@ -115,6 +115,7 @@ struct Args {
   std::string allreduce_strategy = "both";
   std::string allreduce_aggregation = "mean";
   double pause = 0;
+  bool encrypt = true;
   int collaborative_peers = 4;
   std::int64_t collaborative_samples = 8000;
   std::uint64_t seed = 0;
@@ -152,6 +153,8 @@ void usage() {
       "  --pause S               sleep between rounds, e.g. to let the previous round's DHT\n"
       "                          announcements expire (not counted in round_s; default {})\n"
       "  --seed N                seed of the random tensors (default {})\n"
+      "  --encrypt 0|1           encrypted connections between the TCP peers (RpcOptions::encrypt,\n"
+      "                          default {}: the library's default)\n"
       "  --help                  this text\n"
       "\n"
       "Progress goes to earlier stdout lines (and hive's logs to stderr); the last stdout line is\n"
@@ -159,7 +162,8 @@ void usage() {
       d.peers, d.target_group_size, d.min_group_size, d.rounds, d.num_tensors, d.tensor_size,
       d.num_tensors * d.tensor_size * 4 / (1 << 20), d.compression, d.initial_group_bits, d.matchmaking_time,
       d.request_timeout, d.allreduce_timeout, d.part_size_bytes, d.allreduce_peers, d.allreduce_mib,
-      d.allreduce_rounds, d.allreduce_strategy, d.allreduce_aggregation, d.collaborative_peers, d.collaborative_samples, d.pause, d.seed);
+      d.allreduce_rounds, d.allreduce_strategy, d.allreduce_aggregation, d.collaborative_peers, d.collaborative_samples, d.pause, d.seed,
+      d.encrypt ? 1 : 0);
 }
 
 Args parse(int argc, char** argv) {
@@ -193,6 +197,11 @@ Args parse(int argc, char** argv) {
     else if (k == "--allreduce_aggregation") a.allreduce_aggregation = v();
     else if (k == "--pause") a.pause = std::stod(v());
     else if (k == "--seed") a.seed = std::stoull(v());
+    else if (k == "--encrypt") {
+      const std::string e = v();
+      HIVE_CHECK(e == "0" || e == "1", "--encrypt is 0 or 1, got '{}'", e);
+      a.encrypt = e == "1";
+    }
     else if (k == "--collaborative_peers") a.collaborative_peers = std::stoi(v());
     else if (k == "--collaborative_samples") a.collaborative_samples = std::stoll(v());
     else throw std::invalid_argument("unknown flag " + k + " (see --help)");
@@ -289,11 +298,12 @@ struct Swarm {
   ~Swarm() { close(); }
 
   // The DHT peers: a root that averages nothing, then `n` peers bootstrapped from it.
-  void start_dhts(int n) {
-    root = std::make_unique<hive::DHT>(hive::DHTOptions().listen_on("127.0.0.1:0"));
+  void start_dhts(int n, bool encrypt) {
+    const auto rpc = hive::net::RpcOptions().encrypt(encrypt);
+    root = std::make_unique<hive::DHT>(hive::DHTOptions().listen_on("127.0.0.1:0").rpc(rpc));
     for (int i = 0; i < n; ++i)
       dhts.push_back(std::make_unique<hive::DHT>(
-          hive::DHTOptions().listen_on("127.0.0.1:0").initial_peers(root->visible_addresses())));
+          hive::DHTOptions().listen_on("127.0.0.1:0").initial_peers(root->visible_addresses()).rpc(rpc)));
     stuck.assign(static_cast<std::size_t>(n), false);
   }
 
@@ -433,7 +443,7 @@ nlohmann::json part1(const Args& a) {
   CpuWatch cpu;
   auto t0 = Clock::now();
   Swarm<> swarm;
-  swarm.start_dhts(n);
+  swarm.start_dhts(n, a.encrypt);
   const double dht_s = since(t0);
 
   at::manual_seed(a.seed);
@@ -611,7 +621,7 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
 
   CpuWatch cpu;
   Swarm<A> swarm;
-  swarm.start_dhts(n);
+  swarm.start_dhts(n, a.encrypt);
   at::manual_seed(a.seed + 1);
   at::Tensor mean = at::zeros({elements}, at::kDouble);
   for (int i = 0; i < n; ++i) {
@@ -695,6 +705,8 @@ nlohmann::json part2(const Args& a, bool& check_ok, const std::string& key, std:
                         {key == "allreduce" ? "part2_cpu_s" : name("_cpu_s"), round_to(own, 2)},
                         {key == "allreduce" ? "part2_others_cores" : name("_others_cores"), round_to(others, 3)}};
   if (!reduced.empty()) out[name("_mib_note")] = reduced;
+  // Gloo's data travels over its own connections, which hive does not encrypt.
+  if (strategy == "butterfly") out[name("_encrypted")] = a.encrypt;
   return out;
 }
 

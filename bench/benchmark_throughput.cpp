@@ -8,6 +8,7 @@
 //                        [--expert_cls ffn] [--num_experts N] [--hidden_dim H] [--num_clients C]
 //                        [--num_batches_per_client B] [--batch_size S] [--max_batch_size M]
 //                        [--backprop 0|1] [--port 0] [--seed 0] [--timeout 600] [--local 0|1]
+//                        [--encrypt 0|1]
 //
 // The program re-executes itself (/proc/self/exe) as the server (`--role server`) and as each
 // client (`--role client`), talking to them through pipes on their stdin and stdout: the server
@@ -96,6 +97,7 @@ struct Config {
   std::uint64_t seed = 0;
   double timeout = 600;
   bool local = true;
+  bool encrypt = true;
   // Internal: set by the parent on the processes it starts.
   std::string role;
   std::string address;
@@ -108,13 +110,15 @@ void usage() {
       "                            [--num_experts N] [--hidden_dim H] [--num_clients C]\n"
       "                            [--num_batches_per_client B] [--batch_size S] [--max_batch_size M]\n"
       "                            [--backprop 0|1] [--port P] [--seed N] [--timeout SECONDS] [--local 0|1]\n"
+      "                            [--encrypt 0|1]\n"
       "\n"
       "One server process hosts --num_experts experts; --num_clients client processes each send\n"
       "--num_batches_per_client batches of --batch_size rows to experts picked at random, one call at a\n"
       "time (forward, then backward when --backprop 1). The server merges requests into batches of at\n"
       "most --max_batch_size rows (default 4 x batch_size). The same batches also run in this process\n"
       "without networking, half before and half after the remote run (--local 0 skips that).\n"
-      "--port 0 picks a free port; --timeout bounds the whole run.\n"
+      "--port 0 picks a free port; --timeout bounds the whole run. --encrypt 0 turns off the\n"
+      "encryption of the connections (on by default, as in the library).\n"
       "Flags given after or before --preset override the preset's values.\n"
       "\n"
       "presets (sized to take about a minute or less on 2 cores):\n"
@@ -135,7 +139,7 @@ bool parse_bool(const std::string& flag, const std::string& v) {
 Config parse(int argc, char** argv) {
   static const std::set<std::string> known = {
       "--preset", "--expert_cls", "--num_experts", "--hidden_dim", "--num_clients", "--num_batches_per_client",
-      "--batch_size", "--max_batch_size", "--backprop", "--port", "--seed", "--timeout", "--local",
+      "--batch_size", "--max_batch_size", "--backprop", "--port", "--seed", "--timeout", "--local", "--encrypt",
       "--role", "--address", "--parent_pid"};
   std::map<std::string, std::string> given;
   for (int i = 1; i < argc; ++i) {
@@ -176,6 +180,7 @@ Config parse(int argc, char** argv) {
     else if (k == "--seed") c.seed = std::stoull(v);
     else if (k == "--timeout") c.timeout = std::stod(v);
     else if (k == "--local") c.local = parse_bool(k, v);
+    else if (k == "--encrypt") c.encrypt = parse_bool(k, v);
     else if (k == "--role") c.role = v;
     else if (k == "--address") c.address = v;
     else if (k == "--parent_pid") c.parent_pid = std::stol(v);
@@ -226,6 +231,13 @@ int blas_threads() {
 void follow_parent(long parent_pid) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (parent_pid != 0 && getppid() != parent_pid) std::_Exit(3);
+}
+
+// The output gradient of the loss mean(y²): each backward pulls the expert's output toward zero.
+// A constant gradient such as out.sum()'s drives the same batch ever further and overflows the
+// expert after a few dozen steps when few experts share many batches (4 experts, 8 clients).
+at::Tensor loss_gradient(const at::Tensor& y) {
+  return y.detach() * (2.0 / static_cast<double>(std::max<std::int64_t>(1, y.numel())));
 }
 
 // ---- the server process ----------------------------------------------------------------------
@@ -285,7 +297,9 @@ int run_server(const Config& c) {
   const auto t1 = Clock::now();
   BenchServer server(std::move(backends),
                      hive::ServerOptions()
-                         .dht(hive::DHTOptions().listen_on(fmt::format("127.0.0.1:{}", c.port)))
+                         .dht(hive::DHTOptions()
+                                  .listen_on(fmt::format("127.0.0.1:{}", c.port))
+                                  .rpc(hive::net::RpcOptions().encrypt(c.encrypt)))
                          .update_period(hive::Seconds(60))
                          .batching(hive::moe::BatcherOptions().max_batch_size(static_cast<std::size_t>(c.max_batch_size))));
   print_line({{"address", server.address()},
@@ -325,7 +339,7 @@ int run_client(const Config& c) {
   // Like hivemind's clients: one torch thread each, the cores belong to the server.
   at::set_num_threads(1);
   at::manual_seed(c.seed);
-  auto client = std::make_shared<hive::moe::Client<>>();
+  auto client = std::make_shared<hive::moe::Client<>>(hive::net::Tcp::Options(), hive::net::RpcOptions().encrypt(c.encrypt));
   const auto options = hive::moe::RemoteExpertOptions()
                            .forward_timeout(hive::Seconds(c.timeout))
                            .backward_timeout(hive::Seconds(c.timeout));
@@ -336,7 +350,6 @@ int run_client(const Config& c) {
   std::mt19937_64 rng(c.seed);
   std::uniform_int_distribution<int> pick(0, c.num_experts - 1);
 
-  std::vector<at::Tensor> ones;  // the output gradients: out.sum().backward(), without the expand
   // One call: forward, then backward through the output when backprop. Returns both times in µs.
   auto step = [&](hive::moe::RemoteExpert& expert, std::vector<at::Tensor>& inputs) {
     const auto t0 = Clock::now();
@@ -344,8 +357,7 @@ int run_client(const Config& c) {
     const auto t1 = Clock::now();
     double backward_us = 0;
     if (c.backprop) {
-      if (ones.empty() || !ones.front().sizes().equals(outputs.front().sizes())) ones = {at::ones_like(outputs.front())};
-      outputs.front().backward(ones.front());
+      outputs.front().backward(loss_gradient(outputs.front()));
       inputs.front().mutable_grad() = at::Tensor();  // nothing accumulates across batches
       backward_us = std::chrono::duration<double, std::micro>(Clock::now() - t1).count();
     }
@@ -604,8 +616,7 @@ class LocalBaseline {
     auto outputs = backend.forward(inputs_);
     const auto t1 = Clock::now();
     if (c_.backprop) {
-      if (ones_.empty()) ones_ = {at::ones_like(outputs.front())};
-      (void)backend.backward(inputs_, ones_);
+      (void)backend.backward(inputs_, {loss_gradient(outputs.front())});
     }
     return {std::chrono::duration<double, std::micro>(t1 - t0).count(),
             std::chrono::duration<double, std::micro>(Clock::now() - t1).count()};
@@ -613,7 +624,7 @@ class LocalBaseline {
 
   const Config& c_;
   std::vector<hive::moe::ModuleBackend<>> backends_;
-  std::vector<at::Tensor> inputs_, ones_;
+  std::vector<at::Tensor> inputs_;
   std::mt19937_64 rng_;
   std::uniform_int_distribution<int> pick_;
 };
@@ -625,6 +636,7 @@ std::vector<std::string> common_args(const Config& c) {
           "--hidden_dim", std::to_string(c.hidden_dim), "--batch_size", std::to_string(c.batch_size),
           "--max_batch_size", std::to_string(c.max_batch_size), "--backprop", c.backprop ? "1" : "0",
           "--num_batches_per_client", std::to_string(c.num_batches_per_client), "--timeout", fmt::format("{}", c.timeout),
+          "--encrypt", c.encrypt ? "1" : "0",
           "--parent_pid", std::to_string(::getpid())};
 }
 
@@ -747,6 +759,7 @@ int run_parent(const Config& c) {
                         {"batch_size", c.batch_size},
                         {"max_batch_size", c.max_batch_size},
                         {"backprop", c.backprop},
+                        {"encrypt", c.encrypt},
                         {"samples", samples},
                         {"calls", calls},
                         {"elapsed_s", elapsed_s},
@@ -787,7 +800,15 @@ int run_parent(const Config& c) {
                percentile(local.forward_us, 0.5) / 1e3,
                c.backprop ? fmt::format(", backward p50 {:.2f} ms", percentile(local.backward_us, 0.5) / 1e3) : "",
                local.elapsed_s >= 1 ? fmt::format("; other processes {:.2f} cores", local.others_cpu_s / local.elapsed_s) : "");
+    // Time per row inside the experts: the server's compute stopwatch against the whole local
+    // run (which does nothing else), so any difference is compute slowed by what shares the cores.
+    const double server_us_per_row = 1e6 * busy_s / static_cast<double>(samples);
+    const double local_us_per_row = 1e6 * local.elapsed_s / static_cast<double>(samples);
+    fmt::print("compute per row: {:.1f} us in the server's experts, {:.1f} us in-process ({:+.1f}%)\n", server_us_per_row,
+               local_us_per_row, 100 * (server_us_per_row / local_us_per_row - 1));
     fmt::print("ratio to local {:.3f}\n", samples_per_s / local_samples_per_s);
+    out["server_us_per_row"] = server_us_per_row;
+    out["local_us_per_row"] = local_us_per_row;
     out["local_elapsed_s"] = local.elapsed_s;
     out["local_samples_per_s"] = local_samples_per_s;
     out["ratio_to_local"] = samples_per_s / local_samples_per_s;

@@ -203,6 +203,42 @@ TEST_CASE_TEMPLATE("net rpc: large payloads and frame limits", T, net::Tcp, net:
   server->close();
 }
 
+TEST_CASE("net tcp: a body larger than preallocate_bytes arrives intact whatever its growth factor") {
+  // The server's buffer starts at 4 KiB and grows as bytes arrive; factors outside 2..64 are
+  // clamped. The handler answers a checksum of every byte, so a byte lost or misplaced while
+  // the buffer grew changes the answer.
+  net::Runtime runtime{2};
+  std::vector<std::byte> big((3u << 20) + 7);
+  std::uint64_t expected = 0;
+  for (std::size_t i = 0; i < big.size(); ++i) {
+    big[i] = static_cast<std::byte>((i * 131) ^ (i >> 11));
+    expected = expected * 1099511628211ull + static_cast<std::uint64_t>(big[i]);
+  }
+  for (const bool encrypt : {false, true})
+    for (const std::size_t growth : {std::size_t{0}, std::size_t{2}, std::size_t{8}, std::size_t{64}, std::size_t{1000}}) {
+      CAPTURE(encrypt);
+      CAPTURE(growth);
+      const auto options = net::RpcOptions().encrypt(encrypt);
+      auto server = net::Rpc<net::Tcp>::create(
+          runtime.executor(), net::Tcp::Options().preallocate_bytes(4096).growth_factor(growth), options);
+      auto client = net::Rpc<net::Tcp>::create(runtime.executor(), net::Tcp::Options(), options);
+      server->add_handler("checksum", [](net::CallContext, Message m) -> asio::awaitable<Message> {
+        std::uint64_t h = 0;
+        for (const auto& blob : m.blobs)
+          for (std::byte b : blob.bytes()) h = h * 1099511628211ull + static_cast<std::uint64_t>(b);
+        co_return Message{nlohmann::json(h), {}};
+      });
+      const auto address = server->listen("127.0.0.1:0");
+      for (int call = 0; call < 2; ++call) {  // the second reuses the connection
+        Message m;
+        m.add_blob(Buffer::adopt(std::vector<std::byte>(big)));
+        CHECK(client->call(address, "checksum", m, 20s).header.get<std::uint64_t>() == expected);
+      }
+      client->close();
+      server->close();
+    }
+}
+
 TEST_CASE("net tcp: IPv6 loopback") {
   test::Swarm<net::Tcp> swarm;
   auto server = swarm.make();

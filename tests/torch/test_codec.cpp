@@ -624,3 +624,42 @@ TEST_CASE("codec: hostile but finite 8-bit levels decode to finite values of the
   const at::Tensor z = hive::decode_tensor(q, floats_then(std::vector<float>(256, 3.4e38f), 4));
   CHECK(at::isfinite(z).all().item<bool>());
 }
+
+TEST_CASE("codec: all_finite finds every NaN and infinity, and agrees with at::isfinite") {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    CAPTURE(c10::toString(dtype));
+    // Sizes around the scan's 4096-element blocks; bad values at the edges of blocks.
+    for (const std::int64_t n : {1, 4095, 4096, 4097, 3 * 4096 + 5}) {
+      auto t = at::randn({n}, at::kDouble).mul(1e3).to(dtype);
+      CHECK(hive::all_finite(t));
+      for (const std::int64_t at_index : {std::int64_t{0}, n / 2, std::min<std::int64_t>(n - 1, 4096), n - 1})
+        for (const float bad : {nan, inf, -inf}) {
+          auto u = t.clone();
+          u[at_index] = bad;
+          CAPTURE(n);
+          CAPTURE(at_index);
+          CAPTURE(bad);
+          CHECK_FALSE(hive::all_finite(u));
+          CHECK(hive::all_finite(u) == at::isfinite(u).all().item<bool>());
+        }
+    }
+  }
+  // The largest finite values and the smallest subnormals are finite.
+  CHECK(hive::all_finite(at::tensor({std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                                     std::numeric_limits<float>::denorm_min(), -0.0f})));
+  CHECK(hive::all_finite(at::tensor({std::numeric_limits<double>::max(), std::numeric_limits<double>::denorm_min()})));
+  // A view with an offset, a non-contiguous one and a negated one.
+  auto m = at::randn({64, 64});
+  m[10][20] = nan;
+  CHECK_FALSE(hive::all_finite(m.slice(0, 5, 15)));
+  CHECK(hive::all_finite(m.slice(0, 11, 64)));
+  CHECK_FALSE(hive::all_finite(m.t()));
+  CHECK(hive::all_finite(m.slice(1, 21, 64).t()));
+  CHECK_FALSE(hive::all_finite(m._neg_view()));
+  // Integer and bool tensors, and empty ones, are always finite.
+  CHECK(hive::all_finite(at::arange(100, at::kLong)));
+  CHECK(hive::all_finite(at::ones({3}, at::kBool)));
+  CHECK(hive::all_finite(at::empty({0}, at::kFloat)));
+}

@@ -151,7 +151,7 @@ struct Butterfly {
       HIVE_CHECK(group.senders() > 0, "a group of auxiliary peers only has nothing to average");
       const bool auxiliary = group.members[group.my_index].auxiliary;
       // Others would drop this peer for it (and ban it): it sends nothing instead.
-      if (!auxiliary && !at::isfinite(flat).all().template item<bool>())
+      if (!auxiliary && !all_finite(flat))
         throw Error(errc::invalid_argument, "this peer's tensors hold non-finite values (NaN or infinity): not averaged");
       // Members banned here take no part in this peer's side of the round.
       std::vector<std::string> excluded(group.size());
@@ -227,7 +227,7 @@ struct Butterfly {
                 auto tensors = get_tensors(reply, s.limits);
                 if (tensors.size() != 1 || tensors[0].numel() != range.size())
                   bad = fmt::format("answered {} tensors instead of one of {} elements", tensors.size(), range.size());
-                else if (averaged = tensors[0].to(at::kFloat); !at::isfinite(averaged).all().template item<bool>())
+                else if (averaged = tensors[0].to(at::kFloat); !all_finite(averaged))
                   bad = fmt::format("answered chunk {} with non-finite values", chunk_index);
               } catch (const std::exception& e) {
                 bad = fmt::format("answered chunk {} with a malformed tensor: {}", chunk_index, e.what());
@@ -425,7 +425,7 @@ struct Butterfly {
       c.done = true;
       at::Tensor result;
       if (r.aggregation.method() == Aggregation::mean) {
-        if (c.weight > 0) result = c.sum.div(c.weight);
+        if (c.weight > 0) result = c.sum.div_(c.weight);  // in place: the sum is not needed after
       } else {
         std::vector<at::Tensor> rows;
         std::vector<double> weights;
@@ -507,7 +507,7 @@ struct Butterfly {
       if (bad.empty()) {
         // Checked as float32, what it is summed in: a float64 1e300 is not finite there.
         v = values.to(at::kFloat);
-        if (!at::isfinite(v).all().template item<bool>()) bad = fmt::format("chunk {} holds non-finite values", chunk);
+        if (!all_finite(v)) bad = fmt::format("chunk {} holds non-finite values", chunk);
       }
       if (!bad.empty()) {
         drop(*r, sender, bad, true);

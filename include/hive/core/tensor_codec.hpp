@@ -15,8 +15,10 @@
 #include <hive/core/message.hpp>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/all.h>
 #include <ATen/ops/empty_ops.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -445,6 +447,30 @@ void encode_quantile8(const T* x, std::size_t n, std::byte* out) {
 }
 
 }  // namespace detail
+
+/// True when no element of `t` is NaN or infinite (always true for integer and bool tensors).
+/// A contiguous float32 or float64 CPU tensor is checked in one pass over its bits, without
+/// the temporary that `at::isfinite(t).all()` allocates; others go through at::isfinite.
+[[nodiscard]] inline bool all_finite(const at::Tensor& t) {
+  if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) return true;
+  // An exponent of all ones is an infinity or a NaN: for IEEE bits x, (x & exp) == exp.
+  auto scan = [n = static_cast<std::size_t>(t.numel())](const auto* p, auto exp) {
+    constexpr std::size_t block = 4096;
+    for (std::size_t i = 0; i < n; i += block) {
+      bool bad = false;
+      for (std::size_t j = i, end = std::min(n, i + block); j < end; ++j) bad |= (p[j] & exp) == exp;
+      if (bad) return false;
+    }
+    return true;
+  };
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kFloat)
+      return scan(static_cast<const std::uint32_t*>(t.data_ptr()), std::uint32_t{0x7f800000});
+    if (t.scalar_type() == at::kDouble)
+      return scan(static_cast<const std::uint64_t*>(t.data_ptr()), std::uint64_t{0x7ff0000000000000});
+  }
+  return at::isfinite(t).all().item<bool>();
+}
 
 /// Encodes a CPU tensor as a descriptor and a little-endian payload.
 ///

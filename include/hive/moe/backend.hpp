@@ -6,6 +6,7 @@
 #include <hive/fwd.hpp>
 #include <hive/core/log.hpp>
 #include <hive/core/options.hpp>
+#include <hive/core/tensor_codec.hpp>
 #include <hive/moe/experts.hpp>
 
 #include <torch/autograd.h>
@@ -181,7 +182,7 @@ class ModuleBackend {
         throw Error(errc::bad_tensor, fmt::format("expert {}: the gradient overflowed (norm {}); update refused", name_, norm));
       }
       for (const auto& g : grad_inputs)
-        if (at::isFloatingType(g.scalar_type()) && !at::isfinite(g).all().item<bool>()) {
+        if (!all_finite(g)) {
           clear_grads();
           throw Error(errc::bad_tensor, fmt::format("expert {}: the input gradient overflowed; update refused", name_));
         }

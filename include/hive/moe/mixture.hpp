@@ -141,7 +141,7 @@ inline std::vector<std::optional<std::vector<at::Tensor>>> call_groups(
                              for (const auto& t : tensors) {
                                if (t.dim() < 1 || t.size(0) != expected_rows)
                                  throw Error(errc::bad_tensor, "reply has the wrong number of rows");
-                               if (check_finite && at::isFloatingType(t.scalar_type()) && !at::isfinite(t).all().item<bool>())
+                               if (check_finite && !all_finite(t))
                                  throw Error(errc::bad_tensor, "reply holds non-finite values");
                              }
                              result = std::move(tensors);

@@ -99,7 +99,7 @@ inline void check_finite(const std::vector<at::Tensor>& tensors, std::string_vie
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
     if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
-    if (!at::isfinite(t).all().item<bool>())
+    if (!all_finite(t))
       throw Error(errc::bad_tensor, fmt::format("{}: tensor {} holds non-finite values (NaN or infinity)", what, i));
   }
 }
