@@ -17,6 +17,7 @@
 // Throughput is the total samples over the wall time from "go" to the last client's result.
 // The last line is one JSON object.
 
+#include <hive/core/blas.hpp>
 #include <hive/moe/remote_expert.hpp>
 #include <hive/moe/server.hpp>
 
@@ -652,7 +653,9 @@ int run_parent(const Config& c) {
   fmt::print("benchmark_throughput: preset {} ({} h={}, {} experts, max_batch_size {}); {} clients x {} batches of {} rows, {}\n",
              c.preset, c.expert_cls, c.hidden_dim, c.num_experts, c.max_batch_size, c.num_clients,
              c.num_batches_per_client, c.batch_size, c.backprop ? "forward+backward" : "forward");
-  fmt::print("blas: {}; load average {:.2f}\n", blas, load);
+  const std::string blas_core = hive::blas_core();
+  fmt::print("blas: {} ({} kernels); load average {:.2f}\n", blas, blas_core.empty() ? "unknown" : blas_core, load);
+  if (const auto advice = hive::blas_advice(); !advice.empty()) fmt::print("note: {}\n", advice);
   std::fflush(stdout);
 
   // The local baseline's first half, before any other process starts.
@@ -782,6 +785,7 @@ int run_parent(const Config& c) {
                         {"blas", blas},
                         {"torch_threads", hello.at("torch_threads")},
                         {"blas_threads", hello.at("blas_threads")},
+                        {"blas_core", blas_core},
                         {"loadavg_1m", load}};
   if (c.backprop) {
     out["backward_p50_ms"] = percentile(backward_us, 0.5) / 1e3;

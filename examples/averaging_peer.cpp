@@ -13,6 +13,7 @@
 #include "common/fashion_mnist.hpp"
 #include "common/models.hpp"
 
+#include <hive/core/blas.hpp>
 #include <hive/averaging/gloo.hpp>
 #include <hive/hive.hpp>
 #include <hive/serve/server.hpp>
@@ -300,6 +301,7 @@ int run(const Flags& flags, torch::nn::Sequential& model, const hive::examples::
 
 int main(int argc, char** argv) try {
   const auto flags = parse(argc, argv);
+  if (const auto advice = hive::blas_advice(); !advice.empty()) hive::log::warn("blas", "{}", advice);
   torch::manual_seed(flags.seed);
   at::set_num_threads(flags.threads);
 

@@ -14,6 +14,7 @@
 #include "common/models.hpp"
 #include "common/seeded.hpp"
 
+#include <hive/core/blas.hpp>
 #include <hive/core/progress.hpp>
 #include <hive/optim/collaborative.hpp>
 #include <hive/optim/diloco.hpp>
@@ -134,6 +135,7 @@ struct PeerResult {
 int main(int argc, char** argv) try {
   using namespace hive;
   const auto f = parse(argc, argv);
+  if (const auto advice = hive::blas_advice(); !advice.empty()) hive::log::warn("blas", "{}", advice);
   at::set_num_threads(1);
   examples::limit_blas_threads(1);
   const bool diloco = f.mode == "diloco";

@@ -4,6 +4,7 @@
 //
 //   hive-server --expert_cls ffn --hidden_dim 512 --num_experts 5 --listen_on 0.0.0.0:1337 [--dht_port 1338]
 
+#include <hive/core/blas.hpp>
 #include <hive/moe/server.hpp>
 
 #include "common/cli.hpp"
@@ -73,6 +74,7 @@ using hive::examples::split_commas;
 
 int main(int argc, char** argv) try {
   hive::net::raise_file_limit();  // a public server has many callers
+  if (const auto advice = hive::blas_advice(); !advice.empty()) hive::log::warn("blas", "{}", advice);
   hive::ServerOptions options;
   options.dht().listen_on("0.0.0.0:0");
   hive::moe::BackendOptions backend;

@@ -3,6 +3,7 @@
 #include <hive/core/id.hpp>
 #include <hive/core/limits.hpp>
 #include <hive/core/log.hpp>
+#include <hive/core/blas.hpp>
 #include <hive/core/buffer.hpp>
 #include <hive/core/progress.hpp>
 
@@ -123,4 +124,30 @@ TEST_CASE("progress: a log gets a line every few percent, a terminal one redrawn
     CHECK(text.find("[##############################] 100% 10/10") != std::string::npos);
     std::fclose(tty);
   }
+}
+
+TEST_CASE("blas: advice names the OPENBLAS_CORETYPE when the kernels are older than the CPU") {
+  // This machine's case: OpenBLAS 0.3.21 did not recognise the CPU and fell back to Prescott.
+  const auto advice = hive::blas_advice("Prescott", 3);
+  CHECK(advice.find("OPENBLAS_CORETYPE=SkylakeX") != std::string::npos);
+  CHECK(advice.find("AVX-512") != std::string::npos);
+  CHECK(hive::blas_advice("Prescott", 2).find("OPENBLAS_CORETYPE=Haswell") != std::string::npos);
+  CHECK(hive::blas_advice("Nehalem", 1).find("OPENBLAS_CORETYPE=Sandybridge") != std::string::npos);
+  CHECK(hive::blas_advice("Sandybridge", 3).find("OPENBLAS_CORETYPE=SkylakeX") != std::string::npos);
+  // Kernels as wide as the CPU's vectors, or wider: nothing to say.
+  CHECK(hive::blas_advice("Haswell", 2).empty());
+  CHECK(hive::blas_advice("Zen", 2).empty());
+  CHECK(hive::blas_advice("SkylakeX", 3).empty());
+  CHECK(hive::blas_advice("SkylakeX", 2).empty());
+  CHECK(hive::blas_advice("Prescott", 0).empty());
+  // No OpenBLAS, a name it does not know, or a level out of range: no advice.
+  CHECK(hive::blas_advice("", 3).empty());
+  CHECK(hive::blas_advice("SomeFutureCore", 3).empty());
+  CHECK(hive::blas_advice("Prescott", 4).empty());
+  CHECK(hive::blas_advice("Prescott", -1).empty());
+  // This process does not load libtorch, so no OpenBLAS: the runtime check has nothing to say.
+  CHECK(hive::blas_core().empty());
+  CHECK(hive::blas_advice().empty());
+  const int level = hive::cpu_vector_level();
+  CHECK((level >= 0 && level <= 3));
 }
