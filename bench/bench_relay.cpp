@@ -87,17 +87,17 @@ int main(int argc, char** argv) try {
   asio::io_context relay_io;
   auto guard = asio::make_work_guard(relay_io);
   std::thread relay_thread([&] { relay_io.run(); });  // running before listen(), which waits on it
-  auto relay = Rpc::create(relay_io.get_executor(), hive::net::Tcp::Options().limits(limits));
+  auto relay = Rpc::create(relay_io.get_executor(), a.apply(hive::net::Tcp::Options().limits(limits)));
   const auto relay_address = relay->listen("127.0.0.1:0");
 
-  auto target = Rpc::create(peers.executor(), hive::net::Tcp::Options().limits(limits));
+  auto target = Rpc::create(peers.executor(), a.apply(hive::net::Tcp::Options().limits(limits)));
   target->add_handler("echo", [](hive::net::CallContext, hive::Message m) -> asio::awaitable<hive::Message> { co_return m; });
   target->add_handler("sink", [](hive::net::CallContext, hive::Message m) -> asio::awaitable<hive::Message> {
     co_return hive::Message{nlohmann::json(m.blobs.empty() ? 0 : m.blobs[0].size()), {}};
   });
   const auto direct = target->listen("127.0.0.1:0");
   const auto relayed = asio::co_spawn(peers.executor(), target->co_reserve(relay_address), asio::use_future).get().address;
-  auto caller = Rpc::create(peers.executor(), hive::net::Tcp::Options().limits(limits));
+  auto caller = Rpc::create(peers.executor(), a.apply(hive::net::Tcp::Options().limits(limits)));
   fmt::print("bench_relay: target {} (direct) and {} (relayed)\n", direct, relayed);
 
   const auto direct_rtt = latency(*caller, direct, a.calls, a.payload_bytes, "direct");

@@ -10,6 +10,7 @@ packages=(
   libopenblas0-pthread  # without it libtorch's matrix kernels run ~20x slower
   libasio-dev           # networking, timers, coroutines (standalone)
   libsodium-dev         # peer identities and signed records (Ed25519), the connection handshake
+  libssl-dev            # AES-256-GCM of encrypted connections (libcrypto; libasio-dev depends on it anyway)
   libopendht-dev        # OpenDHT, the second DHT routing model (dht::OpenDHT)
   pkg-config            # how CMake finds OpenDHT
   nlohmann-json3-dev    # config files and MessagePack wire headers

@@ -337,6 +337,71 @@ TEST_CASE("encryption: an altered byte fails the call with an error, and the cal
   server->close();
 }
 
+TEST_CASE("encryption: records are standard AEAD: libsodium opens what hive seals, and hive opens what libsodium seals") {
+  // Hive seals AES-256-GCM records with OpenSSL and ChaCha20-Poly1305 ones with libsodium; a
+  // peer built on either library alone must read them. Record i is sealed under nonce i
+  // (little-endian, 12 bytes) with the 4-byte length field as associated data.
+  using Cipher = net::detail::RecordCipher;
+  std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES> key{};
+  randombytes_buf(key.data(), key.size());
+  std::vector<net::Cipher> ciphers{net::Cipher::chacha20poly1305};
+  if (crypto_aead_aes256gcm_is_available()) ciphers.push_back(net::Cipher::aes256gcm);
+  else MESSAGE("this CPU lacks AES-NI: AES-256-GCM is not offered, and not checked here");
+  for (const net::Cipher cipher : ciphers) {
+    CAPTURE(net::cipher_name(cipher));
+    const bool aes = cipher == net::Cipher::aes256gcm;
+    Cipher sealer(cipher, key, Cipher::Direction::seal), opener(cipher, key, Cipher::Direction::open);
+    std::uint64_t counter = 0;
+    for (const std::size_t len : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{4097}, net::max_record_plaintext}) {
+      CAPTURE(len);
+      std::vector<std::byte> plain(len);
+      for (std::size_t i = 0; i < len; ++i) plain[i] = static_cast<std::byte>(i * 31 + len);
+      std::array<unsigned char, 12> nonce{};
+      for (int i = 0; i < 8; ++i) nonce[i] = static_cast<unsigned char>(counter >> (8 * i));
+      std::array<unsigned char, 4> length{static_cast<unsigned char>(len >> 24), static_cast<unsigned char>(len >> 16),
+                                          static_cast<unsigned char>(len >> 8), static_cast<unsigned char>(len)};
+      const auto* m = reinterpret_cast<const unsigned char*>(plain.data());
+
+      // Hive seals; libsodium opens.
+      std::vector<std::byte> record(len + net::record_overhead);
+      sealer.seal(plain.data(), len, record.data());
+      const auto* r = reinterpret_cast<const unsigned char*>(record.data());
+      CHECK(std::equal(length.begin(), length.end(), r));
+      std::vector<unsigned char> opened(len);
+      const int rc = aes ? crypto_aead_aes256gcm_decrypt(opened.data(), nullptr, nullptr, r + 4, len + 16, r, 4, nonce.data(), key.data())
+                         : crypto_aead_chacha20poly1305_ietf_decrypt(opened.data(), nullptr, nullptr, r + 4, len + 16, r, 4,
+                                                                     nonce.data(), key.data());
+      CHECK(rc == 0);
+      CHECK(std::memcmp(opened.data(), plain.data(), len) == 0);
+
+      // Libsodium seals; hive opens, and refuses the record once a bit of it flips.
+      std::vector<unsigned char> theirs(len + net::record_overhead);
+      std::copy(length.begin(), length.end(), theirs.begin());
+      if (aes)
+        crypto_aead_aes256gcm_encrypt(theirs.data() + 4, nullptr, m, len, length.data(), 4, nullptr, nonce.data(), key.data());
+      else
+        crypto_aead_chacha20poly1305_ietf_encrypt(theirs.data() + 4, nullptr, m, len, length.data(), 4, nullptr, nonce.data(),
+                                                  key.data());
+      CHECK(std::equal(theirs.begin(), theirs.end(), r, r + theirs.size()));  // same key and nonce: same bytes
+      std::vector<std::byte> back(len);
+      theirs[4 + len / 2] ^= 0x10;
+      CHECK_FALSE(Cipher(cipher, key, Cipher::Direction::open).open(reinterpret_cast<const std::byte*>(theirs.data()), len, back.data()));
+      theirs[4 + len / 2] ^= 0x10;
+      CHECK(opener.open(reinterpret_cast<const std::byte*>(theirs.data()), len, back.data()));
+      CHECK(back == plain);
+      ++counter;
+    }
+    // The next record is sealed under the next nonce: one opened under another fails.
+    std::vector<std::byte> plain(100, std::byte{9}), record(100 + net::record_overhead), back(100);
+    sealer.seal(plain.data(), plain.size(), record.data());
+    sealer.seal(plain.data(), plain.size(), record.data());
+    CHECK_FALSE(opener.open(record.data(), plain.size(), back.data()));
+    // Each cipher goes one way only.
+    CHECK_THROWS_AS(opener.seal(plain.data(), plain.size(), record.data()), Error);
+    CHECK_THROWS_AS(sealer.open(record.data(), plain.size(), back.data()), Error);
+  }
+}
+
 TEST_CASE("encryption: a peer that requires it refuses plaintext peers clearly, either way") {
   test::Swarm<net::Tcp> swarm;
   auto strict = swarm.make(net::RpcOptions().require_encryption(true));

@@ -214,29 +214,87 @@ TEST_CASE("net tcp: a body larger than preallocate_bytes arrives intact whatever
     big[i] = static_cast<std::byte>((i * 131) ^ (i >> 11));
     expected = expected * 1099511628211ull + static_cast<std::uint64_t>(big[i]);
   }
+  // Each case also runs without the receive cache, with one too small for a body (every
+  // buffer is freed), and with the default.
   for (const bool encrypt : {false, true})
-    for (const std::size_t growth : {std::size_t{0}, std::size_t{2}, std::size_t{8}, std::size_t{64}, std::size_t{1000}}) {
-      CAPTURE(encrypt);
-      CAPTURE(growth);
-      const auto options = net::RpcOptions().encrypt(encrypt);
-      auto server = net::Rpc<net::Tcp>::create(
-          runtime.executor(), net::Tcp::Options().preallocate_bytes(4096).growth_factor(growth), options);
-      auto client = net::Rpc<net::Tcp>::create(runtime.executor(), net::Tcp::Options(), options);
-      server->add_handler("checksum", [](net::CallContext, Message m) -> asio::awaitable<Message> {
-        std::uint64_t h = 0;
-        for (const auto& blob : m.blobs)
-          for (std::byte b : blob.bytes()) h = h * 1099511628211ull + static_cast<std::uint64_t>(b);
-        co_return Message{nlohmann::json(h), {}};
-      });
-      const auto address = server->listen("127.0.0.1:0");
-      for (int call = 0; call < 2; ++call) {  // the second reuses the connection
-        Message m;
-        m.add_blob(Buffer::adopt(std::vector<std::byte>(big)));
-        CHECK(client->call(address, "checksum", m, 20s).header.get<std::uint64_t>() == expected);
+    for (const std::size_t growth : {std::size_t{0}, std::size_t{2}, std::size_t{8}, std::size_t{64}, std::size_t{1000}})
+      for (const std::size_t cache : {std::size_t{0}, std::size_t{1} << 20, net::Tcp::Options().receive_cache_bytes()}) {
+        CAPTURE(encrypt);
+        CAPTURE(growth);
+        CAPTURE(cache);
+        const auto options = net::RpcOptions().encrypt(encrypt);
+        auto server = net::Rpc<net::Tcp>::create(
+            runtime.executor(), net::Tcp::Options().preallocate_bytes(4096).growth_factor(growth).receive_cache_bytes(cache),
+            options);
+        auto client = net::Rpc<net::Tcp>::create(runtime.executor(), net::Tcp::Options(), options);
+        server->add_handler("checksum", [](net::CallContext, Message m) -> asio::awaitable<Message> {
+          std::uint64_t h = 0;
+          for (const auto& blob : m.blobs)
+            for (std::byte b : blob.bytes()) h = h * 1099511628211ull + static_cast<std::uint64_t>(b);
+          co_return Message{nlohmann::json(h), {}};
+        });
+        const auto address = server->listen("127.0.0.1:0");
+        for (int call = 0; call < 2; ++call) {  // the second reuses the connection
+          Message m;
+          m.add_blob(Buffer::adopt(std::vector<std::byte>(big)));
+          CHECK(client->call(address, "checksum", m, 20s).header.get<std::uint64_t>() == expected);
+        }
+        // The default cache keeps a body's buffers once the server drops its message: the last
+        // one (at most 12.5% over 3 MiB) and those it grew through (under twice that), for at
+        // most the two bodies. A smaller cache keeps what fits; none keeps nothing.
+        const auto held = [&] { return server->transport().cached_receive_bytes(); };
+        if (cache == net::Tcp::Options().receive_cache_bytes()) {
+          CHECK(test::wait_for([&] { return held() >= big.size(); }));
+          CHECK(held() <= 8 * big.size());
+        } else {
+          CHECK(held() <= cache);
+        }
+        client->close();
+        server->close();
       }
-      client->close();
-      server->close();
-    }
+}
+
+TEST_CASE("net tcp: the receive cache hands buffers of a size class back out, and keeps no more than its capacity") {
+  using net::detail::BodyCache;
+  // Size classes: at most 12.5% above the request, never below it, equal for equal requests.
+  for (const std::size_t n : {std::size_t{1}, std::size_t{17}, std::size_t{65537}, std::size_t{1} << 20, (std::size_t{1} << 20) + 1,
+                              std::size_t{9} << 20, (std::size_t{64} << 20) + 12345}) {
+    CAPTURE(n);
+    const std::size_t c = BodyCache::size_class(n);
+    CHECK(c >= n);
+    if (n > 16) CHECK(static_cast<double>(c) <= 1.125 * static_cast<double>(n));
+    CHECK(BodyCache::size_class(c) == c);
+  }
+  CHECK(BodyCache::size_class(std::size_t{64} << 20) == std::size_t{64} << 20);
+
+  auto cache = std::make_shared<BodyCache>(std::size_t{3} << 20);
+  std::byte* first = nullptr;
+  {
+    auto a = cache->get(std::size_t{1} << 20);
+    first = a.get();
+    CHECK(reinterpret_cast<std::uintptr_t>(first) % 64 == 0);
+    std::memset(first, 0x5a, std::size_t{1} << 20);  // all of it is usable
+    CHECK(cache->cached_bytes() == 0);
+  }
+  CHECK(cache->cached_bytes() == std::size_t{1} << 20);
+  {
+    auto again = cache->get((std::size_t{1} << 20) - 100);  // same class: the same buffer
+    CHECK(again.get() == first);
+    CHECK(cache->cached_bytes() == 0);
+    auto other = cache->get(std::size_t{2} << 20);  // another class: a new one
+    CHECK(other.get() != first);
+    auto third = cache->get(std::size_t{2} << 20);
+  }
+  // 1 + 2 MiB fit under the 3 MiB capacity; the second 2 MiB buffer was freed.
+  CHECK(cache->cached_bytes() == std::size_t{3} << 20);
+  // A buffer outlives the cache's last other owner, and frees through it.
+  auto kept = cache->get(std::size_t{5} << 20);
+  std::weak_ptr<BodyCache> weak = cache;
+  cache.reset();
+  CHECK_FALSE(weak.expired());
+  kept[0] = std::byte{1};
+  kept.reset();
+  CHECK(weak.expired());
 }
 
 TEST_CASE("net tcp: IPv6 loopback") {

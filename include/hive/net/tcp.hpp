@@ -13,10 +13,15 @@
 #include <asio/read.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/write.hpp>
+#include <openssl/evp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -45,8 +50,12 @@ struct TcpOptions {
   /// copies about B / (growth_factor - 1) bytes of a B-byte body (a 64 MiB body: 9 MiB at 8,
   /// 63 MiB at 2), and a sender holds at most growth_factor times the bytes it has sent.
   HIVE_ARG(std::size_t, growth_factor, 8);
+  /// Most bytes of large-body buffers (bodies past preallocate_bytes) the transport keeps for
+  /// reuse once the messages holding them are gone, so that repeated large frames do not fault
+  /// fresh pages in each time (a 64 MiB body: 16 384 page faults). 0 frees every buffer at once.
+  HIVE_ARG(std::size_t, receive_cache_bytes, std::size_t{256} << 20);
   HIVE_OPTIONS_JSON(TcpOptions, limits, read_buffer_bytes, socket_buffer_bytes, backlog, frame_timeout,
-                    min_receive_rate, preallocate_bytes, growth_factor)
+                    min_receive_rate, preallocate_bytes, growth_factor, receive_cache_bytes)
 };
 
 /// Most plaintext bytes in one sealed record of an encrypted connection.
@@ -56,32 +65,41 @@ inline constexpr std::size_t record_overhead = 4 + 16;
 
 namespace detail {
 
-// One direction of an encrypted connection: its key (for AES-256-GCM, expanded once) and its
-// record counter, which is the nonce. Wiped when destroyed.
+// One direction of an encrypted connection: its key (for AES-256-GCM, expanded once into an
+// OpenSSL context) and its record counter, which is the nonce. Wiped when destroyed.
+//
+// AES-256-GCM runs on OpenSSL's libcrypto (Debian's libssl-dev, which libasio-dev already
+// depends on): on CPUs with VAES it seals and opens 2.4 to 2.9 times faster than libsodium's
+// implementation (4.5 against 1.9 and 1.5 GB/s on this project's test machine). The records
+// are standard AES-256-GCM either way. ChaCha20-Poly1305 stays on libsodium.
 class RecordCipher {
  public:
-  RecordCipher(Cipher cipher, const std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES>& key) : cipher_(cipher) {
-    static_assert(crypto_aead_aes256gcm_KEYBYTES == crypto_kx_SESSIONKEYBYTES &&
-                  crypto_aead_chacha20poly1305_ietf_KEYBYTES == crypto_kx_SESSIONKEYBYTES);
-    static_assert(crypto_aead_aes256gcm_NPUBBYTES == 12 && crypto_aead_chacha20poly1305_ietf_NPUBBYTES == 12);
-    static_assert(crypto_aead_aes256gcm_ABYTES == 16 && crypto_aead_chacha20poly1305_ietf_ABYTES == 16);
-    if (cipher_ == Cipher::aes256gcm) {
-      aes_ = std::make_unique<crypto_aead_aes256gcm_state>();
-      crypto_aead_aes256gcm_beforenm(aes_.get(), key.data());
+  // Which way the records go: `seal` only seals, `open` only opens.
+  enum class Direction : std::uint8_t { seal, open };
+
+  RecordCipher(Cipher cipher, const std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES>& key, Direction direction)
+      : direction_(direction) {
+    static_assert(crypto_aead_chacha20poly1305_ietf_KEYBYTES == crypto_kx_SESSIONKEYBYTES && crypto_kx_SESSIONKEYBYTES == 32);
+    static_assert(crypto_aead_chacha20poly1305_ietf_NPUBBYTES == 12 && crypto_aead_chacha20poly1305_ietf_ABYTES == 16);
+    if (cipher == Cipher::aes256gcm) {
+      aes_.reset(EVP_CIPHER_CTX_new());
+      if (!aes_) throw std::bad_alloc();
+      const int ok = direction_ == Direction::seal
+                         ? EVP_EncryptInit_ex(aes_.get(), EVP_aes_256_gcm(), nullptr, key.data(), nullptr)
+                         : EVP_DecryptInit_ex(aes_.get(), EVP_aes_256_gcm(), nullptr, key.data(), nullptr);
+      if (ok != 1) throw Error(errc::connection_closed, "OpenSSL could not set up AES-256-GCM for an encrypted connection");
     } else {
       key_ = key;
     }
   }
   RecordCipher(const RecordCipher&) = delete;
   RecordCipher& operator=(const RecordCipher&) = delete;
-  ~RecordCipher() {
-    sodium_memzero(key_.data(), key_.size());
-    if (aes_) sodium_memzero(aes_.get(), sizeof *aes_);
-  }
+  ~RecordCipher() { sodium_memzero(key_.data(), key_.size()); }  // EVP_CIPHER_CTX_free wipes the AES key
 
   // Writes the record of the `len` bytes at `plain` (1..max_record_plaintext) at `out`:
   // length, ciphertext, tag (len + record_overhead bytes).
   void seal(const std::byte* plain, std::size_t len, std::byte* out) {
+    if (direction_ != Direction::seal) throw Error(errc::invalid_argument, "sealing with a record cipher set up to open");
     const auto nonce = next_nonce();
     auto* o = reinterpret_cast<unsigned char*>(out);
     o[0] = static_cast<unsigned char>(len >> 24);
@@ -89,21 +107,37 @@ class RecordCipher {
     o[2] = static_cast<unsigned char>(len >> 8);
     o[3] = static_cast<unsigned char>(len);
     const auto* m = reinterpret_cast<const unsigned char*>(plain);
-    if (aes_)
-      crypto_aead_aes256gcm_encrypt_afternm(o + 4, nullptr, m, len, o, 4, nullptr, nonce.data(), aes_.get());
-    else
+    if (!aes_) {
       crypto_aead_chacha20poly1305_ietf_encrypt(o + 4, nullptr, m, len, o, 4, nullptr, nonce.data(), key_.data());
+      return;
+    }
+    int n = 0, tail = 0;
+    if (EVP_EncryptInit_ex(aes_.get(), nullptr, nullptr, nullptr, nonce.data()) != 1 ||
+        EVP_EncryptUpdate(aes_.get(), nullptr, &n, o, 4) != 1 ||
+        EVP_EncryptUpdate(aes_.get(), o + 4, &n, m, static_cast<int>(len)) != 1 ||
+        EVP_EncryptFinal_ex(aes_.get(), o + 4 + n, &tail) != 1 ||
+        EVP_CIPHER_CTX_ctrl(aes_.get(), EVP_CTRL_GCM_GET_TAG, 16, o + 4 + len) != 1)
+      throw Error(errc::connection_closed, "OpenSSL could not seal a record of an encrypted connection");
   }
 
   // Opens the record at `in` whose length field says `len` into `plain`; false when its tag
   // does not verify (then `plain` holds garbage).
   bool open(const std::byte* in, std::size_t len, std::byte* plain) {
+    if (direction_ != Direction::open) throw Error(errc::invalid_argument, "opening with a record cipher set up to seal");
     const auto nonce = next_nonce();
     const auto* c = reinterpret_cast<const unsigned char*>(in);
     auto* m = reinterpret_cast<unsigned char*>(plain);
-    if (aes_)
-      return crypto_aead_aes256gcm_decrypt_afternm(m, nullptr, nullptr, c + 4, len + 16, c, 4, nonce.data(), aes_.get()) == 0;
-    return crypto_aead_chacha20poly1305_ietf_decrypt(m, nullptr, nullptr, c + 4, len + 16, c, 4, nonce.data(), key_.data()) == 0;
+    if (!aes_)
+      return crypto_aead_chacha20poly1305_ietf_decrypt(m, nullptr, nullptr, c + 4, len + 16, c, 4, nonce.data(), key_.data()) == 0;
+    // The tag is copied out: OpenSSL takes it as a non-const pointer.
+    std::array<unsigned char, 16> tag;
+    std::memcpy(tag.data(), c + 4 + len, tag.size());
+    int n = 0, tail = 0;
+    return EVP_DecryptInit_ex(aes_.get(), nullptr, nullptr, nullptr, nonce.data()) == 1 &&
+           EVP_DecryptUpdate(aes_.get(), nullptr, &n, c, 4) == 1 &&
+           EVP_DecryptUpdate(aes_.get(), m, &n, c + 4, static_cast<int>(len)) == 1 &&
+           EVP_CIPHER_CTX_ctrl(aes_.get(), EVP_CTRL_GCM_SET_TAG, 16, tag.data()) == 1 &&
+           EVP_DecryptFinal_ex(aes_.get(), m + n, &tail) == 1;
   }
 
  private:
@@ -116,10 +150,85 @@ class RecordCipher {
     return nonce;
   }
 
-  Cipher cipher_;
+  struct FreeContext {
+    void operator()(EVP_CIPHER_CTX* ctx) const noexcept { EVP_CIPHER_CTX_free(ctx); }
+  };
+
+  Direction direction_;
   std::array<std::uint8_t, crypto_kx_SESSIONKEYBYTES> key_{};
-  std::unique_ptr<crypto_aead_aes256gcm_state> aes_;
+  std::unique_ptr<EVP_CIPHER_CTX, FreeContext> aes_;
   std::uint64_t counter_ = 0;
+};
+
+// Buffers for large frame bodies, shared by a transport's connections: a buffer comes back
+// here when the last reference to it drops (the message, or a tensor decoded from it), and
+// the next body of its size class reuses it, its pages already faulted in. Holds at most
+// `capacity` bytes; beyond that, released buffers are freed. Thread-safe: references may
+// drop on any thread.
+class BodyCache : public std::enable_shared_from_this<BodyCache> {
+ public:
+  explicit BodyCache(std::size_t capacity) : capacity_(capacity) {}
+  BodyCache(const BodyCache&) = delete;
+  BodyCache& operator=(const BodyCache&) = delete;
+  ~BodyCache() {
+    for (auto& [size, blocks] : free_)
+      for (std::byte* b : blocks) ::operator delete(b, alignment);
+  }
+
+  // The size a request for `n` bytes gets: n rounded up to an eighth of its power of two
+  // (at most 12.5% more), so that bodies of similar sizes share buffers.
+  static std::size_t size_class(std::size_t n) noexcept {
+    if (n <= 16) return 16;
+    const int shift = static_cast<int>(std::bit_width(n - 1)) - 4;
+    const std::size_t step = std::size_t{1} << std::max(shift, 0);
+    return (n + step - 1) / step * step;
+  }
+
+  // A buffer of at least `n` bytes, 64-byte aligned, returned here when its last owner lets
+  // go. Throws std::bad_alloc.
+  std::shared_ptr<std::byte[]> get(std::size_t n) {
+    const std::size_t size = size_class(n);
+    std::byte* block = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = free_.find(size); it != free_.end() && !it->second.empty()) {
+        block = it->second.back();
+        it->second.pop_back();
+        cached_ -= size;
+      }
+    }
+    if (!block) block = static_cast<std::byte*>(::operator new(size, alignment));
+    return {block, [self = shared_from_this(), size](std::byte* p) { self->put(p, size); }};
+  }
+
+  // Bytes held for reuse now.
+  [[nodiscard]] std::size_t cached_bytes() const {
+    std::lock_guard lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  static constexpr std::align_val_t alignment{64};
+
+  void put(std::byte* p, std::size_t size) noexcept {
+    {
+      std::lock_guard lock(mutex_);
+      if (cached_ + size <= capacity_) {
+        try {
+          free_[size].push_back(p);
+          cached_ += size;
+          return;
+        } catch (...) {  // no room to remember it: free it below
+        }
+      }
+    }
+    ::operator delete(p, alignment);
+  }
+
+  std::size_t capacity_;
+  mutable std::mutex mutex_;
+  std::size_t cached_ = 0;
+  std::map<std::size_t, std::vector<std::byte*>> free_;
 };
 
 }  // namespace detail
@@ -130,6 +239,7 @@ class RecordCipher {
 /// After start_encryption (which the handshake calls when both sides offer it), a connection
 /// carries sealed records instead (docs/protocol.md, "Encryption"): one copy per direction,
 /// sealed in batches of up to 1 MiB, opened straight into a frame's body where it fits.
+/// Buffers of large bodies are reused once their messages are gone (receive_cache_bytes).
 ///
 /// @par Thread safety
 /// All operations must run on get_executor() (the RPC layer does so).
@@ -144,9 +254,11 @@ class Tcp {
   /// One TCP connection carrying frames.
   class Connection : public std::enable_shared_from_this<Connection> {
    public:
-    /// Wraps a connected socket.
-    Connection(asio::ip::tcp::socket socket, const Options& options)
+    /// Wraps a connected socket. Large frame bodies come from `cache` when given (the
+    /// transport shares one among its connections), else from the heap.
+    Connection(asio::ip::tcp::socket socket, const Options& options, std::shared_ptr<detail::BodyCache> cache = nullptr)
         : socket_(std::move(socket)),
+          cache_(std::move(cache)),
           limits_(options.limits()),
           frame_timeout_(options.frame_timeout()),
           min_rate_(options.min_receive_rate()),
@@ -179,16 +291,21 @@ class Tcp {
         const std::uint64_t rest = prefix.rest_bytes();
         arm_watchdog(prefix.frame_bytes);
         const std::size_t have = std::min<std::uint64_t>(rest, available());
-        // Small bodies get their final buffer at once; a large one grows as its bytes arrive.
-        std::uint64_t capacity = rest <= preallocate_ ? rest : std::max<std::uint64_t>(preallocate_, have);
-        auto storage = std::make_shared_for_overwrite<std::byte[]>(std::max<std::uint64_t>(capacity, 1));
+        // Small bodies get their final buffer at once; a large one grows as its bytes arrive,
+        // in buffers from the cache.
+        const bool large = rest > preallocate_;
+        const auto allocate = [&](std::uint64_t n) {
+          return large && cache_ ? cache_->get(n) : std::make_shared_for_overwrite<std::byte[]>(std::max<std::uint64_t>(n, 1));
+        };
+        std::uint64_t capacity = large ? std::max<std::uint64_t>(preallocate_, have) : rest;
+        auto storage = allocate(capacity);
         if (have > 0) std::memcpy(storage.get(), head(), have);
         consume(have);
         std::uint64_t got = have;
         while (got < rest) {
           if (got == capacity) {
             const std::uint64_t grown = std::min<std::uint64_t>(rest, capacity * growth_);
-            auto bigger = std::make_shared_for_overwrite<std::byte[]>(grown);
+            auto bigger = allocate(grown);
             std::memcpy(bigger.get(), storage.get(), got);
             storage = std::move(bigger);
             capacity = grown;
@@ -228,8 +345,8 @@ class Tcp {
     /// frames already returned is opened, including bytes already in the read-ahead buffer.
     /// Called by the handshake, between frames.
     void start_encryption(const SessionKeys& keys) {
-      seal_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.tx);
-      open_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.rx);
+      seal_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.tx, detail::RecordCipher::Direction::seal);
+      open_ = std::make_unique<detail::RecordCipher>(keys.cipher, keys.rx, detail::RecordCipher::Direction::open);
       encrypted_ = true;
       // The read-ahead buffer now holds ciphertext and must take a whole record.
       if (rbuf_.size() < max_record_plaintext + record_overhead) rbuf_.resize(max_record_plaintext + record_overhead);
@@ -418,6 +535,7 @@ class Tcp {
     }
 
     asio::ip::tcp::socket socket_;
+    std::shared_ptr<detail::BodyCache> cache_;
     Limits limits_;
     Seconds frame_timeout_;
     double min_rate_;
@@ -442,7 +560,10 @@ class Tcp {
 
   /// A transport whose operations run on a new strand of `executor`.
   explicit Tcp(const asio::any_io_executor& executor, Options options = {})
-      : strand_(asio::make_strand(executor)), options_(std::move(options)), acceptor_(strand_) {}
+      : strand_(asio::make_strand(executor)),
+        options_(std::move(options)),
+        acceptor_(strand_),
+        cache_(options_.receive_cache_bytes() > 0 ? std::make_shared<detail::BodyCache>(options_.receive_cache_bytes()) : nullptr) {}
 
   /// The strand this transport runs on.
   [[nodiscard]] executor_type get_executor() const noexcept { return strand_; }
@@ -473,7 +594,7 @@ class Tcp {
   /// Waits for the next incoming connection.
   asio::awaitable<std::shared_ptr<Connection>> accept() {
     auto socket = co_await acceptor_.async_accept(asio::use_awaitable);
-    co_return std::make_shared<Connection>(std::move(socket), options_);
+    co_return std::make_shared<Connection>(std::move(socket), options_, cache_);
   }
 
   /// Connects to "host:port" before `deadline`; throws hive::Error(timeout) or std::system_error.
@@ -490,7 +611,7 @@ class Tcp {
     auto [ec, ep] = std::get<0>(result);
     if (ec == asio::error::connection_refused) throw Error(errc::connection_refused, fmt::format("connection to {} refused", address));
     if (ec) throw std::system_error(ec, fmt::format("connecting to {}", address));
-    co_return std::make_shared<Connection>(std::move(socket), options_);
+    co_return std::make_shared<Connection>(std::move(socket), options_, cache_);
   }
 
   /// Stops accepting connections.
@@ -499,10 +620,14 @@ class Tcp {
     acceptor_.close(ec);
   }
 
+  /// Bytes of large-body buffers held for reuse now (at most Options::receive_cache_bytes).
+  [[nodiscard]] std::size_t cached_receive_bytes() const { return cache_ ? cache_->cached_bytes() : 0; }
+
  private:
   executor_type strand_;
   Options options_;
   asio::ip::tcp::acceptor acceptor_;
+  std::shared_ptr<detail::BodyCache> cache_;
 };
 
 static_assert(Transport<Tcp>);
