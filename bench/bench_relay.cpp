@@ -2,12 +2,13 @@
 // path a peer behind NAT is reached by), over loopback TCP; the relay runs on a thread of its
 // own so that its CPU time is its alone.
 //
-//   bench_relay [--calls N] [--payload_bytes B] [--bulk_mib M] [--bulk_rounds R]
+//   bench_relay [--calls N] [--payload_bytes B] [--bulk_mib M] [--bulk_rounds R] [--receive_cache_mib C]
 //
 // Latency: N sequential echo calls carrying a B-byte blob (default 4 KiB), direct and relayed;
 // p50 and p99 in µs. Bulk: R one-way calls carrying an M MiB blob each (default 16 MiB × 16),
 // acknowledged by a tiny reply, direct and relayed; throughput in Gbit/s and the relay's CPU
-// time per relayed MiB. The last line is one JSON object.
+// time per relayed MiB. C sets every transport's TcpOptions::receive_cache_bytes in MiB (0: off).
+// The last line is one JSON object.
 
 #include "common/machine.hpp"
 #include "common/transfer.hpp"
