@@ -102,6 +102,12 @@ rm -rf "$logs"
 mkdir -p "$logs"
 ctest_args=(--test-dir "$build" --output-on-failure -j 2 --no-tests=error)
 [[ -n "$tests" ]] && ctest_args+=(-R "$tests")
+# UBSan checks a vptr it has not seen before by reading the object's memory through a pipe;
+# the descriptor-exhaustion test leaves the process no descriptor for one, so UBSan reports
+# the std::system_error that Asio builds for the refused accept as having an invalid vptr
+# (docs/sanitizers.md, "What it found"). A suppression cannot match: the type is unknown
+# when the probe fails. The test runs in every plain run of the suite.
+[[ "$mode" == asan ]] && ctest_args+=(-E 'descriptor exhaustion')
 status=0
 TIMEFORMAT="sanitize.sh: $mode: tests: %0R s wall, %0U s user + %0S s sys"
 time ctest "${ctest_args[@]}" || status=$?
