@@ -124,6 +124,15 @@ TEST_CASE("dht tcp: hostile input is refused while the peer keeps serving") {
                     RemoteError);
   CHECK(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"k", std::uint64_t{1} << 60}}, {}}, 5s)
             .header.at("results").at(0).contains("r"));
+  // "v": false asks for peers only (a store's lookup); it must be a boolean.
+  const auto peers_only =
+      raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"v", false}}, {}}, 5s).header;
+  CHECK_FALSE(peers_only.at("results").at(0).contains("r"));
+  CHECK(peers_only.at("results").at(0).contains("n"));
+  CHECK(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"v", true}}, {}}, 5s)
+            .header.at("results").at(0).contains("r"));
+  CHECK_THROWS_AS(raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}, {"v", 0}}, {}}, 5s),
+                  RemoteError);
   // Still serving.
   auto found = raw->call(address, "dht.find", Message{nlohmann::json{{"keys", {key}}}, {}}, 5s);
   CHECK(found.header.at("results").at(0).contains("r"));

@@ -481,6 +481,33 @@ TEST_CASE("net frame: decoder validates before allocating") {
   CHECK_THROWS_AS(net::encode_frame(net::Frame{net::FrameKind::request, 1, "m", many}, Limits().max_blobs(4)), Error);
 }
 
+
+TEST_CASE("net frame: the header is the MessagePack map {h, m}, byte for byte, for every method length") {
+  // encode_frame writes the map around the message's header instead of building a new tree;
+  // its bytes must be what nlohmann writes for that map, whatever the string length class.
+  const nlohmann::json header{{"from", {{"id", "abc"}, {"addr", "127.0.0.1:1"}}}, {"n", {1, 2.5, nullptr}}};
+  for (std::size_t length : {0, 1, 31, 32, 255, 256, 65535, 65536}) {
+    const std::string method(length, 'x');
+    const auto head_of = [](const net::EncodedFrame& e) {
+      std::uint32_t header_length = 0;
+      std::memcpy(&header_length, e.head.data() + 16, 4);
+      const auto* p = reinterpret_cast<const std::uint8_t*>(e.head.data()) + net::prefix_bytes;
+      return std::vector<std::uint8_t>(p, p + header_length);
+    };
+    const auto request = net::encode_frame(net::Frame{net::FrameKind::request, 7, method, Message{header, {}}});
+    CHECK(head_of(request) == nlohmann::json::to_msgpack(nlohmann::json{{"m", method}, {"h", header}}));
+    const auto response = net::encode_frame(net::Frame{net::FrameKind::response, 7, {}, Message{header, {}}});
+    CHECK(head_of(response) == nlohmann::json::to_msgpack(nlohmann::json{{"h", header}}));
+    if (length <= Limits{}.max_method_bytes()) {
+      const auto d = net::decode_frame(Buffer::adopt(request.flatten()), Limits{});
+      CHECK(d.method == method);
+      CHECK(d.message.header == header);
+    }
+  }
+  // A message without a header travels as nil, as before.
+  const auto bare = net::encode_frame(net::Frame{net::FrameKind::response, 1, {}, Message{}});
+  CHECK(net::decode_frame(Buffer::adopt(bare.flatten()), Limits{}).message.header.is_null());
+}
 TEST_CASE("net simulated: latency, loss, partitions and crashes") {
   net::Runtime runtime{1};
   auto network = net::SimNetwork::create(

@@ -518,6 +518,13 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
         throw Error(errc::bad_header, "dht.find: k must be a positive integer");
       wanted = static_cast<std::size_t>(std::min<std::uint64_t>(k->template get<std::uint64_t>(), K));
     }
+    // "v": false when the requester wants only peers (a store's lookup, a refresh): records
+    // are then left out of the reply (true when absent).
+    bool with_records = true;
+    if (auto v = h.find("v"); v != h.end()) {
+      if (!v->is_boolean()) throw Error(errc::bad_header, "dht.find: v must be a boolean");
+      with_records = v->template get<bool>();
+    }
     learn_sender(h, remote);
     std::optional<Id160> requester;
     if (h.contains("from") && h["from"].is_object() && h["from"].contains("id")) {
@@ -546,8 +553,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     for (const auto& key : keys) {
       nlohmann::json r = nlohmann::json::object();
       std::optional<Record> found;
-      if (auto own = storage_.get(key, now)) detail::merge_record(found, *own, now);
-      if (auto cached = cache_.get(key, now)) detail::merge_record(found, *cached, now);
+      if (with_records) {
+        if (auto own = storage_.get(key, now)) detail::merge_record(found, *own, now);
+        if (auto cached = cache_.get(key, now)) detail::merge_record(found, *cached, now);
+      }
       if (found) {
         bool truncated = false;
         if (auto fitted = detail::fit_record(*found, budget, truncated)) r["r"] = detail::record_to_json(*fitted);
@@ -682,17 +691,18 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
   }
 
   // Asks `peer` for `keys` in one request, and for the `wanted` (at most K) nearest peers it
-  // knows to each; one reply per key, in order. `raw_keys` (key -> the string it is the id
-  // of) lets the validators drop an owner's forged values; shared, as a lookup may return
-  // while this request is still in flight.
+  // knows to each; one reply per key, in order, with the records it holds when `records`.
+  // `raw_keys` (key -> the string it is the id of) lets the validators drop an owner's forged
+  // values; shared, as a lookup may return while this request is still in flight.
   asio::awaitable<std::optional<std::vector<FindReply>>> send_find(
       const NodeInfo& peer, std::vector<Id160> keys, std::shared_ptr<const std::map<Id160, std::string>> raw_keys,
-      std::size_t wanted) {
+      std::size_t wanted, bool records = true) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& key : keys) list.push_back(detail::id_to_json(key));
     Message request{nlohmann::json{{"from", sender()}, {"keys", std::move(list)}}, {}};
     if (wanted < K) request.header["k"] = wanted;
-    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [this, &keys, &raw_keys](const Message& m) {
+    if (!records) request.header["v"] = false;
+    auto op = call_peer(peer.id, peer.address, std::string(find_method), std::move(request), [this, &keys, &raw_keys, records](const Message& m) {
       const auto& results = m.header.at("results");
       if (!results.is_array() || results.size() != keys.size())
         throw Error(errc::bad_header, fmt::format("dht.find answered {} keys of {}", results.size(), keys.size()));
@@ -700,8 +710,9 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
       for (std::size_t i = 0; i < keys.size(); ++i) {
         const auto& r = results[i];
         FindReply& reply = replies[i];
-        // What fails validation is dropped here, before it can displace a valid record.
-        if (r.contains("r")) {
+        // What fails validation is dropped here, before it can displace a valid record. Records
+        // not asked for (from a peer that sends them anyway) are not even checked.
+        if (records && r.contains("r")) {
           std::string_view raw;
           if (raw_keys)
             if (auto it = raw_keys->find(keys[i]); it != raw_keys->end()) raw = it->second;
@@ -737,9 +748,10 @@ class Node : public std::enable_shared_from_this<Node<T, R>> {
     settings.deadline = deadline_after(options_.wait_timeout() * 10);
     settings.now = this->now();
     auto self = this->shared_from_this();
-    // Each answer needs only the `converge` nearest peers it knows.
-    auto ask = [self, raw_keys, converge](const NodeInfo& peer, std::vector<Id160> asked) {
-      return self->send_find(peer, std::move(asked), raw_keys, converge);
+    // Each answer needs only the `converge` nearest peers it knows, and records only when a
+    // value is wanted.
+    auto ask = [self, raw_keys, converge, want_value](const NodeInfo& peer, std::vector<Id160> asked) {
+      return self->send_find(peer, std::move(asked), raw_keys, converge, want_value);
     };
     auto skip = [self](const NodeInfo& peer) { return self->blacklist_.is_banned(peer.address); };
     auto stopped = [self] { return self->closed_; };

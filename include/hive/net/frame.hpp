@@ -18,6 +18,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace hive::net {
@@ -107,6 +108,26 @@ constexpr std::uint64_t pad_to(std::uint64_t n, std::uint64_t a) noexcept { retu
 
 inline const std::array<std::byte, blob_alignment> zero_padding{};
 
+// Appends `s` as a MessagePack string (the shortest of fixstr, str8, str16, str32, as
+// nlohmann writes it).
+inline void append_msgpack_string(std::vector<std::uint8_t>& out, std::string_view s) {
+  const auto n = s.size();
+  if (n < 32) {
+    out.push_back(static_cast<std::uint8_t>(0xa0 | n));
+  } else if (n <= 0xff) {
+    out.push_back(0xd9);
+    out.push_back(static_cast<std::uint8_t>(n));
+  } else if (n <= 0xffff) {
+    out.push_back(0xda);
+    for (int shift = 8; shift >= 0; shift -= 8) out.push_back(static_cast<std::uint8_t>(n >> shift));
+  } else {
+    if (n > 0xffffffffull) throw Error(errc::limit_exceeded, "a string over 4 GiB cannot be written as MessagePack");
+    out.push_back(0xdb);
+    for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<std::uint8_t>(n >> shift));
+  }
+  out.insert(out.end(), s.begin(), s.end());
+}
+
 }  // namespace detail
 
 /// A frame ready to send: `head` (prefix, blob table, header, padding) then the blobs, each
@@ -140,13 +161,23 @@ struct EncodedFrame {
 /// Encodes a frame. Throws hive::Error(limit_exceeded) when the frame would break `limits`,
 /// so a sender learns of an oversized message before the receiver refuses it.
 inline EncodedFrame encode_frame(const Frame& f, const Limits& limits = {}) {
-  nlohmann::json wire;
+  // The header is the map {"h": header, "m": method} ("m" in requests only), written around
+  // the message's own header rather than copying it into a new tree: the same bytes as
+  // to_msgpack of that map (keys in order), without a deep copy of every reply. It is written
+  // into a per-thread scratch buffer that keeps its capacity (up to 1 MiB), so a header costs
+  // no allocation besides the frame's own.
+  thread_local std::vector<std::uint8_t> header;
+  if (header.capacity() > (std::size_t{1} << 20)) header = {};
+  header.clear();
+  header.push_back(f.kind == FrameKind::request ? 0x82 : 0x81);  // fixmap of 2 or 1
+  header.push_back(0xa1);                                         // fixstr "h"
+  header.push_back('h');
+  nlohmann::json::to_msgpack(f.message.header, header);
   if (f.kind == FrameKind::request) {
-    wire = {{"m", f.method}, {"h", f.message.header}};
-  } else {
-    wire = {{"h", f.message.header}};
+    header.push_back(0xa1);  // fixstr "m"
+    header.push_back('m');
+    detail::append_msgpack_string(header, f.method);
   }
-  std::vector<std::uint8_t> header = nlohmann::json::to_msgpack(wire);
   if (header.size() > limits.max_header_bytes())
     throw Error(errc::limit_exceeded, fmt::format("message header of {} bytes exceeds max_header_bytes={}",
                                                   header.size(), limits.max_header_bytes()));
@@ -181,6 +212,7 @@ inline EncodedFrame encode_frame(const Frame& f, const Limits& limits = {}) {
   for (std::size_t i = 0; i < f.message.blobs.size(); ++i)
     detail::store_le<std::uint64_t>(p + prefix_bytes + 8 * i, f.message.blobs[i].size());
   std::memcpy(p + prefix_bytes + table, header.data(), header.size());
+  if (header.capacity() > (std::size_t{1} << 20)) header = {};
   return out;
 }
 
