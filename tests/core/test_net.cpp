@@ -481,7 +481,6 @@ TEST_CASE("net frame: decoder validates before allocating") {
   CHECK_THROWS_AS(net::encode_frame(net::Frame{net::FrameKind::request, 1, "m", many}, Limits().max_blobs(4)), Error);
 }
 
-
 TEST_CASE("net frame: the header is the MessagePack map {h, m}, byte for byte, for every method length") {
   // encode_frame writes the map around the message's header instead of building a new tree;
   // its bytes must be what nlohmann writes for that map, whatever the string length class.
@@ -508,6 +507,7 @@ TEST_CASE("net frame: the header is the MessagePack map {h, m}, byte for byte, f
   const auto bare = net::encode_frame(net::Frame{net::FrameKind::response, 1, {}, Message{}});
   CHECK(net::decode_frame(Buffer::adopt(bare.flatten()), Limits{}).message.header.is_null());
 }
+
 TEST_CASE("net simulated: latency, loss, partitions and crashes") {
   net::Runtime runtime{1};
   auto network = net::SimNetwork::create(
