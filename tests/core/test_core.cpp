@@ -3,6 +3,7 @@
 #include <hive/core/id.hpp>
 #include <hive/core/limits.hpp>
 #include <hive/core/log.hpp>
+#include <hive/core/message.hpp>
 #include <hive/core/blas.hpp>
 #include <hive/core/buffer.hpp>
 #include <hive/core/progress.hpp>
@@ -10,7 +11,11 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <limits>
+#include <vector>
 
 using namespace hive;
 
@@ -150,4 +155,37 @@ TEST_CASE("blas: advice names the OPENBLAS_CORETYPE when the kernels are older t
   CHECK(hive::blas_advice().empty());
   const int level = hive::cpu_vector_level();
   CHECK((level >= 0 && level <= 3));
+}
+
+TEST_CASE("integer_of and integer_field: integers in range only, never a float (NaN, 1e300, even 1.0)") {
+  using nlohmann::json;
+  CHECK(integer_of<std::size_t>(json(7)) == 7U);
+  CHECK(integer_of<std::int64_t>(json(-3)) == -3);
+  CHECK(integer_of<std::uint16_t>(json(65535)) == 65535);
+  CHECK_FALSE(integer_of<std::uint16_t>(json(65536)));
+  CHECK_FALSE(integer_of<std::size_t>(json(-1)));
+  CHECK_FALSE(integer_of<std::int64_t>(json(std::numeric_limits<std::uint64_t>::max())));
+  for (const json& j : {json(std::nan("")), json(1e300), json(-1e300), json(1.0), json("1"), json(true), json(nullptr),
+                        json::array({1}), json::object()})
+    CHECK_FALSE(integer_of<std::size_t>(j));
+  // What the MessagePack of another peer decodes to: a float64 NaN where an index belongs.
+  const auto nan_index = json::from_msgpack(std::vector<std::uint8_t>{0x81, 0xa5, 'i', 'n', 'd', 'e', 'x', 0xcb, 0xff, 0xff,
+                                                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff});
+  // The reason, with errc::bad_header, of what `read` throws.
+  const auto refusal = [](auto read) -> std::string {
+    try {
+      (void)read();
+    } catch (const Error& e) {
+      CHECK(e.code() == errc::bad_header);
+      return e.what();
+    }
+    return "(read)";
+  };
+  CHECK(refusal([&] { return integer_field<std::size_t>(nan_index, "index", "avg.join reply"); })
+            .starts_with("avg.join reply: 'index' must be an integer from 0 to 18446744073709551615"));
+  CHECK(refusal([&] { return integer_field<int>(json::object(), "index", "x"); }).starts_with("x: 'index' is missing"));
+  CHECK(refusal([&] { return integer_field<int>(json::array(), "index", "x"); }).starts_with("x: the header is not a map"));
+  CHECK(refusal([&] { return integer_field<int>(json{{"index", 0.5}}, "index", "x", 5); }).starts_with("x: 'index' must be"));
+  CHECK(integer_field<int>(json::object(), "index", "x", 5) == 5);
+  CHECK(integer_field<int>(json{{"index", 2}}, "index", "x", 5) == 2);
 }

@@ -17,6 +17,7 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/optim/sgd.h>
 
+#include <cmath>
 #include <future>
 #include <latch>
 #include <thread>
@@ -1020,6 +1021,33 @@ TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped a
       REQUIRE(bans.size() == 1);
       CHECK(bans[0].address == fake->address);
       CHECK(bans[0].peer == fake->rpc->peer_id());
+    }
+  }
+}
+
+TEST_CASE("averaging: a join reply whose index is not an integer (NaN, 1e300, 1.0, text) is refused as malformed") {
+  // Found by fuzz_averaging: a float index was converted to an integer unchecked.
+  using nlohmann::json;
+  const auto member = [](std::string address) {
+    averaging::Member m;
+    m.address = std::move(address);
+    return m;
+  };
+  json reply = {{"accepted", true},
+                {"group_id", "abc"},
+                {"members", json::array({member("10.0.0.2:1000"), member("10.0.0.1:1000")})},
+                {"index", 1}};
+  const auto answer = averaging::decode_join_reply(reply, "10.0.0.1:1000", false, 0);
+  REQUIRE(answer.group);
+  CHECK(answer.group->my_index == 1);
+  for (const json& index : {json(std::nan("")), json(1e300), json(-1e300), json(1.0), json(-1), json("1")}) {
+    CAPTURE(index.dump());
+    reply["index"] = index;
+    try {
+      (void)averaging::decode_join_reply(reply, "10.0.0.1:1000", false, 0);
+      FAIL("accepted");
+    } catch (const Error& e) {
+      CHECK(e.code() == errc::bad_header);
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <hive/core/error.hpp>
 #include <hive/core/id.hpp>
 #include <hive/core/identity.hpp>
+#include <hive/core/message.hpp>
 #include <hive/dht/storage.hpp>
 #include <hive/dht/validation.hpp>
 
@@ -191,7 +192,7 @@ struct JoinAnswer {
     GroupInfo g;
     g.group_id = h.at("group_id").get<std::string>();
     g.members = h.at("members").get<std::vector<Member>>();
-    g.my_index = h.at("index").get<std::size_t>();
+    g.my_index = integer_field<std::size_t>(h, "index", "avg.join reply");
     out.group = std::move(g);
   } catch (const nlohmann::json::exception& e) {
     throw Error(errc::bad_header, fmt::format("bad avg.join reply: {}", e.what()));

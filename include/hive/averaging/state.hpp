@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <map>
 #include <memory>
@@ -182,7 +183,8 @@ class StateSharing : public std::enable_shared_from_this<StateSharing<T, R>> {
           const auto owned = text ? dht::split_owned(*text) : std::nullopt;
           if (!owned || owned->second.empty() || owned->second == address_ || owned->first == rpc_->peer_id() ||
               (owned->first.empty() && dht::signs_records<typename dht_type::node_type>) || !v.value.is_object() ||
-              !v.value.contains("priority") || !v.value["priority"].is_number())
+              !v.value.contains("priority") || !v.value["priority"].is_number() ||
+              !std::isfinite(v.value["priority"].template get<double>()))  // a NaN would break the sort
             continue;
           peers.emplace_back(v.value["priority"].template get<double>(), owned->second);
         }

@@ -1,11 +1,20 @@
 #pragma once
 /// @file
-/// Message: what an RPC carries — a JSON header (MessagePack on the wire) and raw byte blobs.
+/// Message: what an RPC carries — a JSON header (MessagePack on the wire) and raw byte blobs —
+/// and the checked readers of the integers in a header.
 
 #include <hive/core/buffer.hpp>
+#include <hive/core/error.hpp>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 namespace hive {
@@ -33,5 +42,39 @@ struct Message {
     return n;
   }
 };
+
+/// The integer `j` holds when it is an integer number (a float is refused, even a whole one)
+/// that T can represent; nullopt otherwise. Headers and DHT values come from other peers: read
+/// their integers with this or integer_field, never with `j.get<T>()`, which converts a float
+/// such as NaN or 1e300 with undefined behaviour.
+template <std::integral T>
+[[nodiscard]] std::optional<T> integer_of(const nlohmann::json& j) noexcept {
+  if (j.is_number_unsigned()) {
+    const auto u = j.get<std::uint64_t>();
+    if (std::in_range<T>(u)) return static_cast<T>(u);
+  } else if (j.is_number_integer()) {
+    const auto v = j.get<std::int64_t>();
+    if (std::in_range<T>(v)) return static_cast<T>(v);
+  }
+  return std::nullopt;
+}
+
+/// The integer field `key` of the header `h`, or `fallback` when `h` is an object without it
+/// (without a fallback, the field is required). Throws hive::Error(errc::bad_header), naming
+/// `what` (the message being read) and the key, when `h` is not an object or the field holds
+/// anything but an integer that T can represent.
+template <std::integral T>
+[[nodiscard]] T integer_field(const nlohmann::json& h, std::string_view key, std::string_view what,
+                              std::optional<T> fallback = std::nullopt) {
+  if (!h.is_object()) throw Error(errc::bad_header, fmt::format("{}: the header is not a map", what));
+  const auto it = h.find(key);
+  if (it == h.end()) {
+    if (fallback) return *fallback;
+    throw Error(errc::bad_header, fmt::format("{}: '{}' is missing", what, key));
+  }
+  if (auto v = integer_of<T>(*it)) return *v;
+  throw Error(errc::bad_header, fmt::format("{}: '{}' must be an integer from {} to {}", what, key,
+                                            std::numeric_limits<T>::min(), std::numeric_limits<T>::max()));
+}
 
 }  // namespace hive

@@ -18,6 +18,7 @@
 #include <exception>
 #include <functional>
 #include <future>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -95,7 +96,8 @@ class ExpertClient {
       std::optional<std::int64_t> limit;
       if (!error && reply.header.is_object() && reply.header.contains("max_batch_size") &&
           reply.header["max_batch_size"].is_number_unsigned() && reply.header["max_batch_size"].get<std::uint64_t>() >= 1)
-        limit = static_cast<std::int64_t>(reply.header["max_batch_size"].get<std::uint64_t>());
+        limit = static_cast<std::int64_t>(std::min<std::uint64_t>(reply.header["max_batch_size"].get<std::uint64_t>(),
+                                                                  std::numeric_limits<std::int64_t>::max()));
       std::lock_guard lock(limits_mutex_);
       if (limit) limits_[address] = limit;
       else limits_.erase(address);  // ask again next time

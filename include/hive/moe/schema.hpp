@@ -3,6 +3,7 @@
 /// TensorSchema: what an expert accepts and returns (dtype and shape after the batch
 /// dimension), checked on every request before any compute.
 
+#include <hive/core/message.hpp>
 #include <hive/core/tensor_codec.hpp>
 
 #include <ATen/ops/all.h>
@@ -54,13 +55,22 @@ struct TensorSchema {
   friend void to_json(nlohmann::json& j, const TensorSchema& s) {
     j = {{"dtype", hive::detail::dtype_name(s.dtype)}, {"shape", s.shape}};
   }
-  /// Reads {"dtype", "shape"}; throws hive::InvalidArgument on an unknown dtype.
+  /// Reads {"dtype", "shape"}; throws hive::InvalidArgument on an unknown dtype or a size that
+  /// is not an integer.
   friend void from_json(const nlohmann::json& j, TensorSchema& s) {
     auto dtype = hive::detail::dtype_from_name(j.at("dtype").get<std::string>());
     // A peer sent it: replace invalid UTF-8 in the message rather than throw while reporting it.
     HIVE_CHECK(dtype.has_value(), "unknown dtype {}", j.at("dtype").dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     s.dtype = *dtype;
-    s.shape = j.at("shape").get<std::vector<std::int64_t>>();
+    const auto& shape = j.at("shape");
+    HIVE_CHECK(shape.is_array(), "a tensor schema's shape must be a list");
+    s.shape.clear();
+    for (const auto& size : shape) {
+      const auto v = hive::integer_of<std::int64_t>(size);
+      HIVE_CHECK(v.has_value(), "a tensor schema's sizes must be integers, got {}",
+                 size.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+      s.shape.push_back(*v);
+    }
   }
 };
 

@@ -64,7 +64,8 @@ struct RpcOptions {
   HIVE_ARG(std::uint32_t, max_relay_reservations, 64);
   /// Calls this relay forwards at once; one more is refused with errc::limit_exceeded.
   HIVE_ARG(std::uint32_t, max_relayed_calls, 256);
-  /// How long a reservation lasts unless renewed; holders renew every third of it.
+  /// How long a reservation lasts unless renewed; holders renew every third of it. At most a day:
+  /// holders refuse a longer one as malformed.
   HIVE_ARG(Seconds, relay_reservation_ttl, Seconds(120));
   /// Longest time a dial-back (checking whether another peer is reachable) may take.
   HIVE_ARG(Seconds, dial_back_timeout, Seconds(5));
@@ -396,6 +397,10 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
       const auto& h = reply.header;
       if (!h.is_object() || !h.contains("token") || !h["token"].is_string() || !h.contains("ttl") || !h["ttl"].is_number())
         throw Error(errc::bad_header, fmt::format("relay {} sent a reservation without 'token' and 'ttl'", relay));
+      // Renewals are scheduled from the ttl: a NaN or an absurd one would overflow the clock.
+      if (const double ttl = h["ttl"].get<double>(); !(ttl > 0 && ttl <= max_reservation_ttl_s))
+        throw Error(errc::bad_header, fmt::format("relay {} sent a reservation ttl of {} s (0 to {} s expected)", relay, ttl,
+                                                  max_reservation_ttl_s));
       self->reservation_tokens_[relay] = h["token"].get<std::string>();
       if (auto it = self->outgoing_.find(relay); it != self->outgoing_.end()) it->second->pinned = true;
       co_return Reservation{relay, RelayedAddress{relay, self->peer_id_}.str(), Seconds(h["ttl"].get<double>())};
@@ -825,6 +830,8 @@ class Rpc : public std::enable_shared_from_this<Rpc<T>> {
   static constexpr std::string_view dial_back_method = "nat.dial_back", whoami_method = "nat.whoami",
                                     reserve_method = "relay.reserve", forward_method = "relay.forward",
                                     deliver_method = "relay.deliver";
+  /// The longest reservation ttl a relay may grant (a day); a longer one is refused as malformed.
+  static constexpr double max_reservation_ttl_s = 86400;
 
   static bool reserved(std::string_view method) { return method.starts_with("relay.") || method.starts_with("nat."); }
   static void check_not_reserved(std::string_view method) {

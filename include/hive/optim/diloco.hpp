@@ -7,6 +7,7 @@
 
 #include <hive/fwd.hpp>
 #include <hive/averaging/averager.hpp>
+#include <hive/core/message.hpp>
 #include <hive/optim/decentralized.hpp>
 
 #include <torch/optim/optimizer.h>
@@ -211,9 +212,14 @@ class DiLoCoOptimizer {
     const auto& m = state->metadata;
     std::lock_guard lock(mutex_);
     if (m.is_object()) {
-      stats_.inner_steps = m.value("inner_steps", std::size_t{0});
-      stats_.since_outer = m.value("since_outer", std::size_t{0});
-      stats_.outer_steps = m.value("outer_steps", std::size_t{0});
+      // Another peer's counters: absent or malformed ones count from 0.
+      const auto count = [&m](const char* key) {
+        const auto it = m.find(key);
+        return it == m.end() ? std::size_t{0} : integer_of<std::size_t>(*it).value_or(0);
+      };
+      stats_.inner_steps = count("inner_steps");
+      stats_.since_outer = count("since_outer");
+      stats_.outer_steps = count("outer_steps");
     }
     return true;
   }

@@ -8,6 +8,7 @@
 #include <hive/fwd.hpp>
 #include <hive/core/clock.hpp>
 #include <hive/core/log.hpp>
+#include <hive/core/message.hpp>
 #include <hive/core/options.hpp>
 #include <hive/dht/dht.hpp>
 
@@ -227,9 +228,13 @@ class ProgressTracker {
           if (!id || *id == mine.peer || !v.value.is_object()) continue;
           PeerProgress p;
           p.peer = *id;
+          const auto malformed = [&](std::string_view why) {
+            std::lock_guard lock(mutex_);  // warned_
+            warn_once(p.peer, fmt::format("progress report of peer {} is malformed ({}): ignored", p.peer, why));
+          };
           try {
-            p.epoch = v.value.at("epoch").template get<std::int64_t>();
-            p.samples = v.value.at("samples").template get<std::int64_t>();
+            p.epoch = integer_field<std::int64_t>(v.value, "epoch", "progress report");
+            p.samples = integer_field<std::int64_t>(v.value, "samples", "progress report");
             p.samples_per_second = v.value.at("samples_per_second").template get<double>();
             p.time = v.value.at("time").template get<double>();
             p.epoch_started = v.value.value("started", p.time);
@@ -237,9 +242,14 @@ class ProgressTracker {
             p.client_mode = v.value.value("client_mode", false);
             p.auxiliary = v.value.value("auxiliary", false);
             p.schema = v.value.value("schema", std::string());
+            // The estimates sum and compare these: one NaN or infinity would spoil everyone's.
+            if (!std::isfinite(p.samples_per_second) || !std::isfinite(p.time) || !std::isfinite(p.epoch_started))
+              throw Error(errc::bad_header, "progress report: a rate or time is not finite");
           } catch (const nlohmann::json::exception& e) {
-            std::lock_guard lock(mutex_);  // warned_
-            warn_once(p.peer, fmt::format("progress report of peer {} is malformed ({}): ignored", p.peer, e.what()));
+            malformed(e.what());
+            continue;
+          } catch (const Error& e) {
+            malformed(e.what());
             continue;
           }
           others.push_back(std::move(p));

@@ -6,6 +6,7 @@
 
 #include <hive/fwd.hpp>
 #include <hive/core/log.hpp>
+#include <hive/core/message.hpp>
 #include <hive/core/tensor_codec.hpp>
 #include <hive/detail/event.hpp>
 #include <hive/dht/dht.hpp>
@@ -14,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -231,10 +233,19 @@ class InferenceClient {
               if (!address || !v.value.is_object()) continue;
               Endpoint e;
               e.address = *address;
-              e.step = v.value.value("step", std::uint64_t{0});
-              e.load = v.value.value("load", 0.0);
-              e.mode = v.value.value("mode", std::string());
-              e.role = v.value.value("role", std::string());
+              // Another peer's announcement: a malformed one names no usable endpoint. (A NaN
+              // load would break the ordering endpoints are chosen in.)
+              try {
+                e.step = integer_field<std::uint64_t>(v.value, "step", "serve endpoint", 0);
+                e.load = v.value.value("load", 0.0);
+                e.mode = v.value.value("mode", std::string());
+                e.role = v.value.value("role", std::string());
+              } catch (const nlohmann::json::exception&) {
+                continue;
+              } catch (const Error&) {
+                continue;
+              }
+              if (!std::isfinite(e.load)) continue;
               if (!options.role().empty() && e.role != options.role()) continue;
               found.push_back(std::move(e));
             }
@@ -285,7 +296,7 @@ class InferenceClient {
         if (tensors[0].dim() < 1 || tensors[0].size(0) != x.size(0))
           throw Error(errc::bad_tensor, fmt::format("serve.predict answered {} rows for {}", tensors[0].dim() < 1 ? 0 : tensors[0].size(0), x.size(0)));
         a.outputs = tensors[0];
-        a.step = h.value("step", std::uint64_t{0});
+        a.step = integer_field<std::uint64_t>(h, "step", "serve.predict reply", 0);
         a.checksum = h.value("checksum", std::string());
         a.mode = h.value("mode", std::string());
         a.torn = h.value("torn", false);
