@@ -1025,6 +1025,31 @@ TEST_CASE("averaging: a member claiming weight 1e30 or NaN is refused, dropped a
   }
 }
 
+TEST_CASE("averaging: a round's vector is reused once nothing refers to it, never while something does") {
+  averaging::ReusedVector reused;
+  const std::vector<at::Tensor> tensors{at::arange(6, at::kFloat).reshape({2, 3}), at::ones({4}, at::kDouble)};
+  const auto expected = averaging::flatten_tensors(tensors);
+  auto a = averaging::flatten_tensors(tensors, &reused);
+  CHECK(a.equal(expected));
+  const void* first = a.data_ptr();
+  // A view of it outlives the round: the next round gets another vector, and the view its values.
+  auto view = a.slice(0, 2, 4);
+  a = at::Tensor();
+  auto b = averaging::flatten_tensors(tensors, &reused);
+  CHECK(b.data_ptr() != first);
+  CHECK(b.equal(expected));
+  CHECK(view.equal(at::tensor({2.f, 3.f})));
+  // Nothing refers to it any more: the round after gets the same memory, refilled.
+  const void* second = b.data_ptr();
+  b.zero_();
+  b = at::Tensor();
+  auto c = averaging::flatten_tensors(tensors, &reused);
+  CHECK(c.data_ptr() == second);
+  CHECK(c.equal(expected));
+  c = at::Tensor();
+  CHECK(reused.take(3).numel() == 3);
+}
+
 TEST_CASE("averaging: a join reply whose index is not an integer (NaN, 1e300, 1.0, text) is refused as malformed") {
   // Found by fuzz_averaging: a float index was converted to an integer unchecked.
   using nlohmann::json;

@@ -746,7 +746,7 @@ class DecentralizedAverager {
           at::Tensor flat;
           {
             std::lock_guard lock(tensors_mutex);
-            flat = flatten_tensors(tensors);
+            flat = flatten_tensors(tensors, &flat_vector);
           }
           auto op = runner->run(*group, flat, weight, settings);
           auto reduced = co_await std::move(op);
@@ -781,6 +781,7 @@ class DecentralizedAverager {
     std::shared_ptr<net::Rpc<T>> rpc;
     std::vector<at::Tensor> tensors;
     std::mutex tensors_mutex;
+    ReusedVector flat_vector;  // each round's flattened tensors
     GroupKeys keys;
     std::shared_ptr<Runner> runner;
     std::shared_ptr<BanList> bans = std::make_shared<BanList>();  // before settings, which share it

@@ -190,7 +190,8 @@ struct Butterfly {
         detail::Event done;
       };
       auto round = std::make_shared<Round>();
-      round->result = flat.clone();
+      round->result = results_.take(flat.numel());
+      round->result.copy_(flat);
       round->dropped = excluded;
       for (std::size_t p = 0; p < reducers.size(); ++p) {
         const auto chunks = chunks_of(parts[p], s.chunk_elements);
@@ -547,6 +548,7 @@ struct Butterfly {
 
     std::shared_ptr<net::Rpc<T>> rpc_;
     std::map<std::string, std::shared_ptr<Reduction>> reductions_;
+    ReusedVector results_;  // each round's result vector
     detail::Notifier registered_;
     bool closed_ = false;
   };

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -328,13 +329,42 @@ struct Range {
   return out;
 }
 
-/// All tensors as one contiguous float32 vector (a copy).
-[[nodiscard]] inline at::Tensor flatten_tensors(const std::vector<at::Tensor>& tensors) {
+/// A float32 vector handed out round after round, so that a round's large vectors reuse memory
+/// that is already mapped: glibc maps every allocation above 32 MiB afresh and unmaps it when it
+/// is freed, and faulting 64 MiB of fresh pages in costs tens of milliseconds of every round.
+/// Thread-safe.
+class ReusedVector {
+ public:
+  /// A vector of `numel` float32 elements (contents unspecified): the kept one when it has that
+  /// size and nothing else refers to it any more (no tensor, view or buffer of the last round
+  /// that handed it out), else a new one, kept from now on.
+  [[nodiscard]] at::Tensor take(std::int64_t numel) {
+    std::lock_guard lock(mutex_);
+    if (!kept_.defined() || kept_.numel() != numel || kept_.use_count() != 1 || kept_.storage().use_count() != 1)
+      kept_ = at::empty({numel}, at::kFloat);
+    return kept_;
+  }
+
+ private:
+  std::mutex mutex_;
+  at::Tensor kept_;
+};
+
+/// All tensors as one contiguous float32 vector (a copy), written into `into`'s vector when
+/// given one (ReusedVector::take).
+[[nodiscard]] inline at::Tensor flatten_tensors(const std::vector<at::Tensor>& tensors, ReusedVector* into = nullptr) {
   std::vector<at::Tensor> flat;
   flat.reserve(tensors.size());
-  for (const auto& t : tensors) flat.push_back(t.detach().reshape({-1}).to(at::kFloat));
+  std::int64_t total = 0;
+  for (const auto& t : tensors) {
+    flat.push_back(t.detach().reshape({-1}).to(at::kFloat));
+    total += flat.back().numel();
+  }
   if (flat.empty()) return at::empty({0}, at::kFloat);
-  return at::cat(flat);
+  if (!into) return at::cat(flat);
+  auto out = into->take(total);
+  at::cat_out(out, flat);
+  return out;
 }
 
 /// Writes `flat` (as from flatten_tensors) back into `tensors`, in place, casting to each
