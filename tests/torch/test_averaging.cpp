@@ -279,6 +279,19 @@ struct FakeMember {
                      });
   }
 
+  /// Serves the run's part method by answering every chunk at once with NaN of its size (a
+  /// reducer that answers garbage).
+  void answer_chunks_with_nan(const std::string& prefix) {
+    rpc->add_handler(averaging::method_for(averaging::part_method, prefix),
+                     [this](net::CallContext, Message m) -> asio::awaitable<Message> {
+                       reducing = true;
+                       const auto chunk = get_tensors(m).at(0);
+                       Message reply;
+                       add_tensors(reply, {at::full_like(chunk, NAN)});
+                       co_return reply;
+                     });
+  }
+
   /// Joins the best-ranked peer under `key` (read from `dht`), retrying refusals (a peer may
   /// still be asking another) for a bounded time; returns the group's size, 0 when not accepted.
   std::size_t join(DHT& dht, const std::string& key, const std::string& schema) {
@@ -398,6 +411,80 @@ TEST_CASE("averaging: a member that dies while sending: its chunk counts where i
 
 TEST_CASE("averaging: a member that dies while reducing: its part keeps local values, the rest is averaged") {
   check_survivors(Death::while_reducing, "dies_reducing");
+}
+
+TEST_CASE("averaging: a reducer that answers NaN is dropped and banned, and its part keeps each peer's values bit for bit") {
+  const std::string prefix = "answers_nan";
+  Peers<> peers(swarm(3), 20, fast(prefix, 4).ban_duration(Seconds(600)));
+  auto fake = std::make_unique<FakeMember>(false);
+  fake->answer_chunks_with_nan(prefix);
+  // It joins and answers every chunk sent to it, but sends none of its own.
+  auto joined = std::async(std::launch::async, [&] {
+    return fake->join(*peers.dhts[0], peers.averagers[0]->group_key(), averaging::schema_hash(peers.tensors[0]));
+  });
+  auto results = step_all(peers.averagers);
+  REQUIRE(joined.get() == 4);
+  CHECK(fake->reducing.load());
+  const auto& group = fake->group;
+  const auto flat_size = averaging::flatten_tensors(peers.before[0]).numel();
+  const auto parts = averaging::partition(group, flat_size);
+  std::vector<at::Tensor> before;
+  for (const auto& b : peers.before) before.push_back(averaging::flatten_tensors(b));
+  const auto honest_mean = (before[0].to(at::kDouble) + before[1].to(at::kDouble) + before[2].to(at::kDouble)) / 3;
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("peer ", i, ": ", results[i].error);
+    REQUIRE(results[i].ok);
+    REQUIRE(results[i].dropped.size() == 1);
+    CHECK(results[i].dropped[0].index == group.my_index);
+    CHECK(results[i].dropped[0].reason.find("non-finite") != std::string::npos);
+    REQUIRE(results[i].unaveraged.size() == 1);
+    CHECK(results[i].unaveraged[0].begin == parts[group.my_index].begin);
+    CHECK(results[i].unaveraged[0].end == parts[group.my_index].end);
+    const auto after = averaging::flatten_tensors(peers.tensors[i]);
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      INFO("part ", p);
+      const auto got = after.slice(0, parts[p].begin, parts[p].end);
+      if (p == group.my_index)
+        CHECK(at::equal(got, before[i].slice(0, parts[p].begin, parts[p].end)));  // not a NaN left
+      else
+        CHECK((got.to(at::kDouble) - honest_mean.slice(0, parts[p].begin, parts[p].end)).abs().max().item<double>() <= 1e-5);
+    }
+    const auto bans = peers.averagers[i]->banned_peers();
+    REQUIRE(bans.size() == 1);
+    CHECK(bans[0].peer == fake->rpc->peer_id());
+  }
+}
+
+TEST_CASE("averaging: copy_and_check_finite copies every value and finds every NaN and infinity, in float32 and others") {
+  // Float32 vectors take the blocked path: a bad value in the first block, the last (partial)
+  // one, or none; the copy is complete either way.
+  for (const std::int64_t n : {1, 4095, 4096, 4097, 3 * 4096 + 5}) {
+    for (const std::int64_t at_index : {std::int64_t{-1}, std::int64_t{0}, n / 2, n - 1}) {
+      for (const float bad : {NAN, INFINITY, -INFINITY}) {
+        CAPTURE(n);
+        CAPTURE(at_index);
+        auto src = at::randn({n});
+        if (at_index >= 0) src[at_index] = bad;
+        auto dst = at::full({n}, 7.f);
+        CHECK(averaging::copy_and_check_finite(dst, src) == (at_index < 0));
+        CHECK(at::equal(dst.isnan(), src.isnan()));
+        CHECK(at::equal(dst.nan_to_num(0), src.nan_to_num(0)));
+      }
+    }
+  }
+  // Other dtypes and layouts are copied with copy_ and checked as dst's dtype: a float64 1e300
+  // is infinite as float32.
+  auto dst = at::zeros({4});
+  CHECK(averaging::copy_and_check_finite(dst, at::tensor({1.0, 2.0, 3.0, 4.0}, at::kDouble)));
+  CHECK(at::equal(dst, at::tensor({1.f, 2.f, 3.f, 4.f})));
+  CHECK_FALSE(averaging::copy_and_check_finite(dst, at::tensor({1.0, 1e300, 3.0, 4.0}, at::kDouble)));
+  CHECK(averaging::copy_and_check_finite(dst, at::arange(8, at::kFloat).reshape({4, 2}).t().select(0, 1)));
+  CHECK(at::equal(dst, at::tensor({1.f, 3.f, 5.f, 7.f})));
+  CHECK(averaging::copy_and_check_finite(dst, at::arange(4, at::kInt)));
+  // A size mismatch or a destination that is not contiguous is refused.
+  CHECK_THROWS_AS((void)averaging::copy_and_check_finite(dst, at::zeros({5})), InvalidArgument);
+  CHECK_THROWS_AS((void)averaging::copy_and_check_finite(at::zeros({4, 2}).t().select(0, 0), at::zeros({4})),
+                  InvalidArgument);
 }
 
 TEST_CASE("averaging: a Gloo round whose member never comes fails on the others by its timeout, and the next round works") {
