@@ -5,10 +5,12 @@
 # <out>/<stage>.log and writes <out>/summary.md; exits non-zero when any stage failed.
 #
 #   scripts/release.sh [--out DIR] [--stages tests,bench,asan,tsan,fuzz] [--fuzz_seconds N]
+#                      [--bench_runs LIST]
 #
-#   --out DIR         where the logs and results go (default build-release/<commit>-<UTC time>)
-#   --stages LIST     which stages to run, comma-separated; they run in the order below
-#   --fuzz_seconds N  seconds per fuzz target in the fuzz stage (default 600)
+#   --out DIR          where the logs and results go (default build-release/<commit>-<UTC time>)
+#   --stages LIST      which stages to run, comma-separated; they run in the order below
+#   --fuzz_seconds N   seconds per fuzz target in the fuzz stage (default 600)
+#   --bench_runs LIST  only these runs of the bench stage, comma-separated (names: --help)
 #
 # Stages:
 #   tests  scripts/test.sh: builds build/, runs every test and 30 s of each fuzz target (CI's run)
@@ -26,9 +28,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 all_stages=(tests bench asan tsan fuzz)
-usage() { sed -n '7p' "${BASH_SOURCE[0]}" | sed 's/^#  */usage: /' >&2; exit 2; }
+usage() { sed -n '7,8p' "${BASH_SOURCE[0]}" | sed '1s/^#  */usage: /; 2s/^#  */       /' >&2; exit 2; }
 
 out=
+only_runs=
+help=0
 stages="$(IFS=,; echo "${all_stages[*]}")"
 fuzz_seconds=600
 while [[ $# -gt 0 ]]; do
@@ -36,7 +40,8 @@ while [[ $# -gt 0 ]]; do
     --out) [[ $# -ge 2 ]] || usage; out="$2"; shift 2 ;;
     --stages) [[ $# -ge 2 ]] || usage; stages="$2"; shift 2 ;;
     --fuzz_seconds) [[ $# -ge 2 && "$2" =~ ^[1-9][0-9]*$ ]] || usage; fuzz_seconds="$2"; shift 2 ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bench_runs) [[ $# -ge 2 ]] || usage; only_runs="$2"; shift 2 ;;
+    -h|--help) help=1; shift ;;
     *) echo "release.sh: unknown argument '$1' (see --help)" >&2; usage ;;
   esac
 done
@@ -49,13 +54,6 @@ for s in "${requested[@]}"; do
   wanted[$s]=1
 done
 [[ ${#wanted[@]} -gt 0 ]] || { echo "release.sh: no stage given" >&2; exit 2; }
-
-commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-started_at=$(date -u +%Y%m%dT%H%M%SZ)
-out="${out:-build-release/$commit-$started_at}"
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-summary="$out/summary.md"
 
 # The benchmark runs: <run name> <program> [arguments]. The throughput presets and the
 # 4-expert, 8-client, 256-row configuration are issue 19's item 2; the DHT runs its item 1.
@@ -72,6 +70,35 @@ bench_runs=(
   "throughput_4x8x256 benchmark_throughput --num_experts 4 --num_clients 8 --batch_size 256"
   "inference benchmark_inference"
 )
+
+if (( help )); then
+  sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  echo
+  echo "Runs of the bench stage (name: program and arguments):"
+  for run in "${bench_runs[@]}"; do
+    read -r -a words <<<"$run"
+    echo "  ${words[0]}: ${words[*]:1}"
+  done
+  exit 0
+fi
+if [[ -n "$only_runs" ]]; then
+  chosen=()
+  IFS=, read -r -a names <<<"$only_runs"
+  for name in "${names[@]}"; do
+    found=
+    for run in "${bench_runs[@]}"; do [[ "${run%% *}" == "$name" ]] && found=$run; done
+    [[ -n "$found" ]] || { echo "release.sh: no bench run named '$name' (see --help)" >&2; exit 2; }
+    chosen+=("$found")
+  done
+  bench_runs=("${chosen[@]}")
+fi
+
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+started_at=$(date -u +%Y%m%dT%H%M%SZ)
+out="${out:-build-release/$commit-$started_at}"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+summary="$out/summary.md"
 
 json_string() {  # $1 as a JSON string literal
   local s=${1//\\/\\\\}
